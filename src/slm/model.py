@@ -47,8 +47,10 @@ def rope_inv_freq(config: ModelConfig, device=None) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, hd/2)
+    freqs = positions.float()[..., None] * inv_freq  # (T, hd/2), or (B, T, hd/2) for per-row positions
     emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd): the "rotate_half" (non-interleaved) layout of HF LLaMA
+    if emb.dim() == 3:  # (B, T, hd) -> (B, 1, T, hd): broadcast over heads
+        emb = emb.unsqueeze(1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -98,7 +100,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=mask,
-            is_causal=input_pos is None,  # no cache: plain causal attention over the T tokens
+            is_causal=input_pos is None and mask is None,  # no cache, no mask: plain causal attention
             enable_gqa=self.n_kv_heads != self.n_heads,
         )  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*hd)
@@ -194,6 +196,8 @@ class Transformer(nn.Module):
         *,
         logits_to_keep: int = 0,
         return_hidden: bool = False,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V).
 
@@ -201,13 +205,19 @@ class Transformer(nn.Module):
         logits_to_keep: if > 0, compute logits for the last that many positions only (prefill needs 1).
         return_hidden: return the final normalised hidden states (B, T, D) instead of logits
             (for losses that never materialise the full logits).
+        positions, mask: packed sequences without the cache (slm.eval shares one context among
+            several continuations): positions (B, T) of each token and a boolean mask (B, 1, T, T),
+            True where a query may attend to a key, replacing plain causal attention.
         """
         B, T = tokens.shape
         x = self.tok_embeddings(tokens)  # (B, T, D)
-        mask, kv_len = None, 0
+        kv_len = 0
         if input_pos is None:
-            positions = torch.arange(T, device=tokens.device)
+            if positions is None:
+                positions = torch.arange(T, device=tokens.device)
         else:
+            if positions is not None or mask is not None:
+                raise ValueError("positions/mask are for the no-cache path; with a cache, input_pos sets both")
             if not self.cache_len:
                 raise RuntimeError("input_pos given but no KV cache: call setup_cache() first")
             positions = input_pos

@@ -175,24 +175,27 @@ def build_model(config: ModelConfig, slm_state: Mapping[str, torch.Tensor], devi
     return model.to(device).eval()
 
 
-def load_model(path: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.float32) -> Transformer:
-    """Load a model directory (or a .gguf file, converted in memory)."""
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """A model directory for `path`: the directory itself, or for a .gguf file its imported copy
+    in the cache (imported once, reused while the file is unchanged)."""
     path = Path(path)
     if not path.exists():
         raise SlmError(f"{path}: no such file or directory")
-    if path.is_file() and path.suffix == ".gguf":
-        from slm.gguf_import import read_gguf
+    if path.is_dir():
+        return path
+    if path.suffix == ".gguf":
+        from slm.gguf_import import cached_import
 
-        config, hf_state, _tokenizer = read_gguf(path)
-        hf_state = {k: v.to(dtype) for k, v in hf_state.items()}
-        source = str(path)
-    elif path.is_dir():
-        config = read_config(path)
-        hf_state = read_hf_state_dict(path, dtype=dtype)
-        source = str(path)
-    else:
-        raise SlmError(f"{path}: expected a model directory (config.json + model.safetensors) or a .gguf file")
-    check_hf_state_dict(hf_state, config, source)
+        return cached_import(path)
+    raise SlmError(f"{path}: expected a model directory (config.json + model.safetensors) or a .gguf file")
+
+
+def load_model(path: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.float32) -> Transformer:
+    """Load a model directory (or a .gguf file, through its cached import)."""
+    model_dir = resolve_model_dir(path)
+    config = read_config(model_dir)
+    hf_state = read_hf_state_dict(model_dir, dtype=dtype)
+    check_hf_state_dict(hf_state, config, str(model_dir))
     return build_model(config, hf_to_slm(hf_state, config), device=device)
 
 

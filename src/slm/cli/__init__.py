@@ -16,10 +16,11 @@ from slm.errors import SlmError
 
 # Order here is the order in `slm --help`.
 _COMMAND_MODULES = [
-    "slm.cli.models",  # import, generate, export
+    "slm.cli.models",  # import, generate
     "slm.cli.data",  # tokenizer, data
-    "slm.cli.train",  # train
-    "slm.cli.eval",  # eval, humaneval
+    "slm.cli.train",  # train, export
+    "slm.cli.eval",  # eval
+    "slm.cli.humaneval",  # humaneval
     "slm.cli.demo",  # demo
 ]
 

@@ -1,0 +1,407 @@
+"""`slm data prepare`: raw sources -> tokenized, packed shards + manifest.json.
+
+Pipeline: the main process plans each source into small work units (sources.py);
+worker processes read and tokenize units (each document without BOS, ending with
+EOS) and send back flat token arrays; the main process takes results in unit order
+(so the output is byte-identical for any number of workers) and packs them.
+
+Packing. Per source and split, the documents' tokens are concatenated in input order
+and cut into non-overlapping windows of seq_len + 1 tokens (a training example is
+window[:-1] -> window[1:]). The last, incomplete window of each source and split is
+dropped and counted in the manifest (`dropped_tail_tokens`). Windows are written to
+shards `<source>.<split>.<n>.bin` (shards.py) of at most `shard_tokens` tokens.
+
+Train/validation split: per document, by a hash of its text (blake2b), so it is
+deterministic, independent of order and workers, and held out at document level
+(exact duplicates land on the same side).
+
+Interruption: a shard is written under a temporary name and renamed when complete;
+manifest.json is written last. A directory without manifest.json is unfinished (the
+loader refuses it); re-running the same command deletes its leftover shards and
+redoes the job. Re-running a finished job with the same settings does nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import multiprocessing as mp
+import os
+import re
+import sys
+import time
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from slm.data.loader import MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION
+from slm.data.shards import ShardWriter, token_dtype
+from slm.data.sources import Doc, ReadOptions, Skip, SourceSpec, WorkUnit, name_sources, plan_units, read_unit
+from slm.errors import SlmError
+
+SPLITS = ("train", "val")
+_SHARD_NAME = re.compile(r"^[A-Za-z0-9_]+\.(train|val)\.\d{5}\.bin(\.tmp)?$")
+_MAX_NAMED_SKIPS = 1000  # per source in the manifest; the counts by reason are always complete
+_BATCH_CHARS = 1 << 20  # characters per tokenizer call inside a worker
+
+
+@dataclass
+class PrepareConfig:
+    sources: list[SourceSpec]
+    tokenizer: str
+    out: Path
+    seq_len: int = 2048
+    workers: int = 1
+    val_fraction: float = 0.005
+    strict: bool = False
+    shard_tokens: int = 1 << 28  # 512 MiB of uint16 per shard at most
+    read: ReadOptions = field(default_factory=ReadOptions)
+    overwrite: bool = False
+    progress: bool = False
+
+
+@dataclass
+class UnitResult:
+    source: int
+    tokens: dict[str, np.ndarray]  # split -> concatenated document tokens, each ending with EOS
+    docs: dict[str, int]
+    text_chars: int
+    skips: list[Skip]
+
+
+# --- worker side ---------------------------------------------------------------------------
+
+_worker: dict = {}
+
+
+def _init_worker(tokenizer_path: str, read: ReadOptions, val_fraction: float) -> None:
+    # One tokenizer per process; its own threads would only fight the other workers.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from slm.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(tokenizer_path)
+    _worker.update(tok=tok, read=read, val_fraction=val_fraction, dtype=token_dtype(tok.vocab_size))
+
+
+def is_val(text: str, val_fraction: float) -> bool:
+    """The document-level split: the first 8 bytes of blake2b(text) as a fraction of 2**64."""
+    if val_fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+    return h < val_fraction * 2.0**64
+
+
+def _process_unit(unit: WorkUnit) -> UnitResult:
+    tok, read, val_fraction = _worker["tok"], _worker["read"], _worker["val_fraction"]
+    ids: dict[str, list[list[int]]] = {s: [] for s in SPLITS}
+    skips: list[Skip] = []
+    text_chars = 0
+    batch: list[Doc] = []
+    chars = 0
+
+    def flush() -> None:
+        for doc, doc_ids in zip(batch, _encode(tok, batch, skips)):
+            if doc_ids is not None:
+                ids["val" if is_val(doc.text, val_fraction) else "train"].append(doc_ids)
+        batch.clear()
+
+    for item in read_unit(unit, read):
+        if isinstance(item, Skip):
+            skips.append(item)
+            continue
+        batch.append(item)
+        chars += len(item.text)
+        text_chars += len(item.text)
+        if chars >= _BATCH_CHARS:
+            flush()
+            chars = 0
+    flush()
+    dtype = _worker["dtype"]
+    tokens = {s: np.fromiter(itertools.chain.from_iterable(ids[s]), dtype=dtype) for s in SPLITS}
+    return UnitResult(unit.source, tokens, {s: len(ids[s]) for s in SPLITS}, text_chars, skips)
+
+
+def _encode(tok, docs: list[Doc], skips: list[Skip]) -> list[list[int] | None]:
+    """Token ids (+ EOS) per document; a document the tokenizer rejects becomes a Skip."""
+    if not docs:
+        return []
+    try:
+        return tok.encode_batch([d.text for d in docs], eos=True)
+    except (UnicodeError, TypeError, RuntimeError):  # e.g. a lone surrogate from a JSON \ud800 escape
+        out: list[list[int] | None] = []
+        for d in docs:
+            try:
+                out.append(tok.encode(d.text, eos=True))
+            except (UnicodeError, TypeError, RuntimeError) as e:
+                skips.append(Skip(d.where, f"cannot be tokenized ({type(e).__name__})"))
+                out.append(None)
+        return out
+
+
+# --- main side -----------------------------------------------------------------------------
+
+
+class _Packer:
+    """Cuts one (source, split) token stream into windows and writes them into shards."""
+
+    def __init__(self, out: Path, prefix: str, dtype: np.dtype, window: int, shard_tokens: int):
+        self.out, self.prefix, self.dtype, self.window = out, prefix, dtype, window
+        self.windows_per_shard = max(1, shard_tokens // window)
+        self.pending = np.zeros(0, dtype=dtype)  # < one window, carried to the next document
+        self.writer: ShardWriter | None = None
+        self.shards: list[dict] = []
+        self.tokens_in = 0
+
+    def add(self, tokens: np.ndarray) -> None:
+        self.tokens_in += len(tokens)
+        data = np.concatenate([self.pending, tokens]) if len(self.pending) else tokens
+        n_windows = len(data) // self.window
+        cut = n_windows * self.window
+        done = 0
+        while done < cut:
+            if self.writer is None:
+                self.writer = ShardWriter(self.out / f"{self.prefix}.{len(self.shards):05d}.bin", self.dtype)
+            room = (self.windows_per_shard * self.window) - self.writer.count
+            take = min(room, cut - done)
+            self.writer.write(data[done : done + take])
+            done += take
+            if self.writer.count == self.windows_per_shard * self.window:
+                self._close_shard()
+        self.pending = data[cut:].copy()
+
+    def _close_shard(self) -> None:
+        w = self.writer
+        w.close()
+        self.shards.append({"file": w.path.name, "tokens": w.count, "windows": w.count // self.window})
+        self.writer = None
+
+    def finish(self) -> dict:
+        if self.writer is not None:
+            self._close_shard()
+        windows = sum(s["windows"] for s in self.shards)
+        return {
+            "tokens": self.tokens_in,
+            "windows": windows,
+            "window_tokens": windows * self.window,
+            "dropped_tail_tokens": len(self.pending),
+            "shards": self.shards,
+        }
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _settings(cfg: PrepareConfig, tok, tok_sha: str) -> dict:
+    """Everything that determines the output: a finished directory with equal settings is reused."""
+    return {
+        "sources": [
+            {"name": s.name, "kind": s.kind, "path": str(s.path.resolve()), "weight": s.weight} for s in cfg.sources
+        ],
+        "tokenizer_sha256": tok_sha,
+        "seq_len": cfg.seq_len,
+        "val_fraction": cfg.val_fraction,
+        "shard_tokens": cfg.shard_tokens,
+        "read": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg.read).items()},
+    }
+
+
+def _clean_leftovers(out: Path) -> None:
+    for p in out.iterdir():
+        if _SHARD_NAME.match(p.name):
+            p.unlink()
+
+
+def _units(cfg: PrepareConfig) -> tuple[list[WorkUnit], list[list[Skip]]]:
+    units: list[WorkUnit] = []
+    plan_skips: list[list[Skip]] = [[] for _ in cfg.sources]
+    for i, spec in enumerate(cfg.sources):
+        for item in plan_units(i, spec, cfg.read):
+            if isinstance(item, Skip):
+                plan_skips[i].append(item)
+            else:
+                units.append(item)
+    return units, plan_skips
+
+
+def _results(cfg: PrepareConfig, units: list[WorkUnit], init_args: tuple):
+    """UnitResults in unit order; at most 2 units in flight per worker (bounded memory)."""
+    if cfg.workers <= 1:
+        _init_worker(*init_args)
+        for u in units:
+            yield _process_unit(u)
+        return
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=init_args) as pool:
+        queue: deque = deque()
+        todo = iter(units)
+        for u in itertools.islice(todo, 2 * cfg.workers):
+            queue.append(pool.apply_async(_process_unit, (u,)))
+        while queue:
+            result = queue.popleft().get()
+            nxt = next(todo, None)
+            if nxt is not None:
+                queue.append(pool.apply_async(_process_unit, (nxt,)))
+            yield result
+
+
+def prepare(cfg: PrepareConfig) -> dict:
+    """Run the pipeline; returns the manifest (also written to OUT/manifest.json)."""
+    from slm.tokenizer import Tokenizer
+
+    if cfg.seq_len < 1:
+        raise SlmError(f"--seq-len must be >= 1, got {cfg.seq_len}")
+    if not 0 <= cfg.val_fraction < 1:
+        raise SlmError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
+    if not cfg.sources:
+        raise SlmError("no --source given")
+    cfg.sources = name_sources(cfg.sources)
+    tok = Tokenizer.load(cfg.tokenizer)
+    if tok.eos_id is None:
+        raise SlmError(f"{cfg.tokenizer}: tokenizer has no EOS token; documents must end with EOS")
+    tok_sha = file_sha256(tok.path)
+    settings = _settings(cfg, tok, tok_sha)
+    out = Path(cfg.out)
+    manifest_path = out / MANIFEST
+    if manifest_path.is_file():
+        try:
+            old = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            old = {}
+        if old.get("settings") == settings and not cfg.overwrite:
+            _log(cfg, f"{out}: already prepared with these settings (manifest.json); nothing to do")
+            return old
+        if not cfg.overwrite:
+            raise SlmError(f"{out}: holds data prepared with other settings; use --overwrite or another --out")
+        manifest_path.unlink()  # first, so the directory never looks finished while shards change
+    out.mkdir(parents=True, exist_ok=True)
+    _clean_leftovers(out)
+
+    units, plan_skips = _units(cfg)
+    dtype = token_dtype(tok.vocab_size)
+    window = cfg.seq_len + 1
+    packers = {(i, s): _Packer(out, f"{spec.name}.{s}", dtype, window, cfg.shard_tokens)
+               for i, spec in enumerate(cfg.sources) for s in SPLITS}  # fmt: skip
+    docs = Counter()
+    text_chars = Counter()
+    skips: list[list[Skip]] = [list(p) for p in plan_skips]
+    for src_skips in skips:
+        _check_skips(cfg, src_skips)
+
+    bar = _progress_bar(cfg, sum(u.size for u in units))
+    t0 = time.perf_counter()
+    total_tokens = 0
+    try:
+        init_args = (str(tok.path), cfg.read, cfg.val_fraction)
+        for unit, res in zip(units, _results(cfg, units, init_args)):
+            _check_skips(cfg, res.skips)
+            skips[res.source].extend(res.skips)
+            for s in SPLITS:
+                packers[res.source, s].add(res.tokens[s])
+                docs[res.source, s] += res.docs[s]
+                total_tokens += len(res.tokens[s])
+            text_chars[res.source] += res.text_chars
+            if bar is not None:
+                bar.update(unit.size)
+                bar.set_postfix(docs=sum(docs.values()), tokens=total_tokens, refresh=False)
+        splits = {key: p.finish() for key, p in packers.items()}
+    except BaseException:
+        for p in packers.values():
+            p.abort()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - t0
+
+    sources = []
+    for i, spec in enumerate(cfg.sources):
+        src_skips = skips[i]
+        for sk in src_skips:
+            if sk.bad:
+                print(f"slm: skipped {sk.where}: {sk.reason}", file=sys.stderr)
+        by_reason = Counter(_reason_kind(sk.reason) for sk in src_skips)
+        sources.append({
+            "name": spec.name,
+            "kind": spec.kind,
+            "path": str(spec.path),
+            "weight": spec.weight,
+            "text_chars": text_chars[i],
+            "documents": sum(docs[i, s] for s in SPLITS),
+            "tokens": sum(splits[i, s]["tokens"] for s in SPLITS),
+            "splits": {s: {"documents": docs[i, s], **splits[i, s]} for s in SPLITS},
+            "skipped": {
+                "count": len(src_skips),
+                "by_reason": dict(sorted(by_reason.items())),
+                "documents": [{"where": sk.where, "reason": sk.reason} for sk in src_skips[:_MAX_NAMED_SKIPS]],
+            },
+        })  # fmt: skip
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "seq_len": cfg.seq_len,
+        "window": window,
+        "windowing": "non-overlapping windows of seq_len + 1 tokens over each source's concatenated documents "
+        "(input window[:-1], target window[1:]); each source and split's incomplete last window is dropped",
+        "dtype": dtype.name,
+        "documents": "tokenized without BOS, each followed by EOS",
+        "split_rule": "a document is in val when blake2b-64(utf-8 text) / 2**64 < val_fraction",
+        "tokenizer": {
+            "path": str(tok.path),
+            "sha256": tok_sha,
+            "kind": tok.kind,
+            "vocab_size": tok.vocab_size,
+            "eos_id": tok.eos_id,
+        },
+        "val_fraction": cfg.val_fraction,
+        "sources": sources,
+        "totals": {
+            "documents": sum(s["documents"] for s in sources),
+            "tokens": sum(s["tokens"] for s in sources),
+            "skipped": sum(s["skipped"]["count"] for s in sources),
+            **{f"{sp}_windows": sum(s["splits"][sp]["windows"] for s in sources) for sp in SPLITS},
+            "text_chars": sum(text_chars.values()),
+            "seconds": round(seconds, 3),
+        },
+        "settings": settings,
+    }
+    tmp = manifest_path.with_name(MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, manifest_path)
+    return manifest
+
+
+def _reason_kind(reason: str) -> str:
+    """The reason without its details ('not UTF-8 (byte 3)' -> 'not UTF-8'), for counting."""
+    return reason.split(" (", 1)[0]
+
+
+def _check_skips(cfg: PrepareConfig, skips: list[Skip]) -> None:
+    if cfg.strict:
+        for sk in skips:
+            if sk.bad:
+                raise SlmError(f"{sk.where}: {sk.reason} (--strict)")
+
+
+def _log(cfg: PrepareConfig, msg: str) -> None:
+    if cfg.progress:
+        print(msg, file=sys.stderr)
+
+
+def _progress_bar(cfg: PrepareConfig, total_bytes: int):
+    if not cfg.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1 << 20, desc="prepare", file=sys.stderr)
