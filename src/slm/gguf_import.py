@@ -128,13 +128,18 @@ def read_config(meta: _Metadata, vocab_size: int, tied: bool) -> ModelConfig:
         dim=dim,
         ffn_dim=int(meta.require("llama.feed_forward_length")),
         max_seq_len=int(meta.get("llama.context_length", 2048)),
-        rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
-        norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=_f32(meta.get("llama.rope.freq_base", 10000.0)),
+        norm_eps=_f32(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
         tie_embeddings=tied,
         bos_id=meta.get("tokenizer.ggml.bos_token_id", 1),
         eos_id=meta.get("tokenizer.ggml.eos_token_id", 2),
         extra_hf={} if pad is None else {"pad_token_id": int(pad)},
     )
+
+
+def _f32(x: float) -> float:
+    """A float32 metadata value as the decimal it was written from (1e-05, not 9.999999747378752e-06)."""
+    return float(str(np.float32(x)))
 
 
 def _hf_name(gguf_name: str, path: Path) -> str:

@@ -22,6 +22,10 @@ class Tokenizer:
         self.bos_id = bos_id
         self.eos_id = eos_id
         self.path = path
+        # Threads for one encode_batch call (None: the backend's default, all cores). Worker
+        # processes set 1 so that N workers use N cores. HF `tokenizers` follows the
+        # TOKENIZERS_PARALLELISM environment variable instead.
+        self.threads: int | None = None
 
     # --- loading --------------------------------------------------------------------
 
@@ -89,8 +93,8 @@ class Tokenizer:
     def encode_batch(self, texts: list[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
         if self.kind == "hf":  # the Rust backend parallelises a batch
             out = [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=False)]
-        else:
-            out = self._backend.EncodeAsIds(texts)
+        else:  # SentencePiece threads a list unless told otherwise; see `threads`
+            out = self._backend.Encode(texts, out_type=int, num_threads=self.threads or -1)
         pre = [self.bos_id] if bos and self.bos_id is not None else []
         post = [self.eos_id] if eos and self.eos_id is not None else []
         return [pre + ids + post for ids in out] if (pre or post) else out
@@ -99,6 +103,15 @@ class Tokenizer:
         if self.kind == "hf":
             return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
         return self._backend.DecodeIds(list(ids))
+
+    def parse_special_tokens(self, enabled: bool) -> None:
+        """Whether special-token strings in text (a literal "</s>") become special ids.
+
+        On by default (chat prompts rely on it). Data preparation turns it off so that a
+        document quoting "</s>" is tokenized as text, as SentencePiece always does.
+        """
+        if self.kind == "hf":
+            self._backend.encode_special_tokens = not enabled
 
     def token_to_id(self, token: str) -> int | None:
         if self.kind == "hf":
@@ -136,3 +149,157 @@ def _special_ids_from_config(model_dir: Path, tok) -> tuple[int | None, int | No
     if eos is None:
         eos = tok.token_to_id("</s>")
     return bos, eos
+
+
+# --- training a LLaMA-2-style tokenizer --------------------------------------------------------
+
+# LLaMA-2's tokenizer.model trainer/normalizer settings (read from its TrainerSpec), except
+# the corpus-size knobs: BPE with byte fallback, digits split, whitespace kept as is.
+LLAMA2_TRAINER_SPEC = dict(
+    model_type="bpe",
+    byte_fallback=True,
+    split_digits=True,
+    split_by_unicode_script=True,
+    split_by_number=True,
+    split_by_whitespace=True,
+    treat_whitespace_as_suffix=False,
+    allow_whitespace_only_pieces=True,
+    max_sentencepiece_length=16,
+    character_coverage=0.99995,
+    normalization_rule_name="identity",
+    add_dummy_prefix=True,
+    remove_extra_whitespaces=False,
+    vocabulary_output_piece_score=True,
+    hard_vocab_limit=True,
+    unk_id=0,
+    bos_id=1,
+    eos_id=2,
+    pad_id=-1,
+    unk_piece="<unk>",
+    bos_piece="<s>",
+    eos_piece="</s>",
+    max_sentence_length=4192,
+    shuffle_input_sentence=True,
+)
+
+
+def _training_lines(inputs: list[Path], max_line_bytes: int):
+    """Lines of every input file (folders: every file inside, sorted); non-UTF-8 files are skipped."""
+    files: list[Path] = []
+    for p in inputs:
+        if p.is_dir():
+            files.extend(sorted(f for f in p.rglob("*") if f.is_file()))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise SlmError(f"--input {p}: no such file or directory")
+    if not files:
+        raise SlmError(f"--input {', '.join(map(str, inputs))}: no files to train on")
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        for line in text.splitlines():
+            if line.strip() and len(line) <= max_line_bytes:
+                yield line
+
+
+def train_tokenizer(
+    inputs: list[str | os.PathLike],
+    out: str | os.PathLike,
+    vocab_size: int = 32000,
+    max_sentences: int = 2_000_000,
+    threads: int | None = None,
+) -> Path:
+    """Train a LLaMA-2-style SentencePiece BPE tokenizer (<unk>=0, <s>=1, </s>=2, byte fallback).
+
+    Writes OUT/tokenizer.model plus the Hugging Face files (tokenizer.json,
+    tokenizer_config.json, special_tokens_map.json) so that both `Tokenizer.load(OUT)`
+    and `transformers.AutoTokenizer.from_pretrained(OUT)` load it. `max_sentences`
+    lines (a random sample when there are more) bound the trainer's memory.
+    """
+    import io
+
+    import sentencepiece as spm
+
+    out = Path(out)
+    model = io.BytesIO()
+    spec = dict(LLAMA2_TRAINER_SPEC, vocab_size=vocab_size, input_sentence_size=max_sentences)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_training_lines([Path(p) for p in inputs], spec["max_sentence_length"]),
+            model_writer=model,
+            num_threads=threads or os.cpu_count() or 1,
+            minloglevel=2,
+            **spec,
+        )
+    except RuntimeError as e:  # e.g. "Vocabulary size is too high" for a small corpus
+        raise SlmError(f"tokenizer training failed: {str(e).strip().splitlines()[0]}") from None
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / "tokenizer.model", model.getvalue())
+    write_hf_tokenizer_files(out / "tokenizer.model", out)
+    return out
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_hf_tokenizer_files(model_file: str | os.PathLike, out: str | os.PathLike) -> None:
+    """tokenizer.json (+ config files) equivalent to a LLaMA-style SentencePiece BPE model.
+
+    The conversion follows transformers' LlamaConverter (vocab from the pieces, merges
+    recovered from the vocab in piece order, the dummy-prefix normalizer, byte
+    fallback) but needs neither protobuf nor transformers.
+    """
+    import sentencepiece as spm
+    from tokenizers import AddedToken, decoders, normalizers, processors
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.models import BPE
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    merges = []
+    for piece, pid in vocab.items():
+        if sp.is_control(pid) or sp.is_unknown(pid) or sp.is_byte(pid):
+            continue
+        pairs = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+        merges.extend(sorted(pairs, key=lambda lr: (vocab[lr[0]], vocab[lr[1]])))
+    # Merges must be ranked by the merged piece's id (= SentencePiece score order); stable sort keeps pairs' order.
+    merges.sort(key=lambda lr: vocab[lr[0] + lr[1]])
+    unk, bos, eos = sp.id_to_piece(sp.unk_id()), sp.id_to_piece(sp.bos_id()), sp.id_to_piece(sp.eos_id())
+    tok = HFTokenizer(BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    # SentencePiece always adds the dummy "▁" prefix (even before a leading space) and merges
+    # across the whole string: a normalizer, not a Metaspace pre-tokenizer, does exactly that.
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (unk, bos, eos)])
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, sp.bos_id())]
+    )
+    out = Path(out)
+    _write_atomic(out / "tokenizer.json", tok.to_str(pretty=True).encode())
+    # Not "LlamaTokenizer": transformers 5 rebuilds that class's pre-tokenizer (Metaspace, which
+    # adds no "▁" before a leading space) and so disagrees with SentencePiece on " x"; the
+    # generic fast class runs tokenizer.json as written, id for id like tokenizer.model.
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": bos,
+        "eos_token": eos,
+        "unk_token": unk,
+        "pad_token": None,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "add_prefix_space": None,
+        "legacy": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 2048,
+    }
+    _write_atomic(out / "tokenizer_config.json", (json.dumps(config, indent=2) + "\n").encode())
+    special = {"bos_token": bos, "eos_token": eos, "unk_token": unk}
+    _write_atomic(out / "special_tokens_map.json", (json.dumps(special, indent=2) + "\n").encode())

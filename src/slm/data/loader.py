@@ -270,7 +270,7 @@ class DataLoader:
         ids = self._order.take(b)
         self._order.skip((self.world_size - self.rank - 1) * b)
         w = torch.from_numpy(self.dataset.windows(ids))  # (B, seq_len + 1)
-        return w[:, :-1], w[:, 1:]
+        return w[:, :-1].contiguous(), w[:, 1:].contiguous()  # (B, seq_len) each
 
     def state_dict(self) -> dict:
         o = self._order
@@ -329,4 +329,4 @@ def iterate_eval(
     for j, start in enumerate(range(0, len(ds), batch_size)):
         if j % world_size == rank:
             w = torch.from_numpy(ds.windows(range(start, min(start + batch_size, len(ds)))))
-            yield w[:, :-1], w[:, 1:]
+            yield w[:, :-1].contiguous(), w[:, 1:].contiguous()

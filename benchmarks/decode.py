@@ -1,0 +1,220 @@
+"""Batch-1 greedy decoding: slm vs transformers.generate, same weights, one process.
+
+    python benchmarks/decode.py --threads 2                    # every case
+    python benchmarks/decode.py --threads 1 --model amd-llama-135m --context short
+    python benchmarks/decode.py --quantize int8                # adds an slm int8 row per case
+
+Cases: SmolLM2-135M-Instruct (the real GGUF, imported) and amd-llama-135m (random weights,
+AMD init), each with a 32-token and a ~2000-token prompt. Runs are interleaved
+(slm, transformers, slm, ...) after a warm-up; medians are reported. Decode speed is timed
+from the first new token to the last (prefill excluded) for both engines, through a token
+callback (slm) and a logits processor (transformers). The fp32 tokens must be identical.
+
+The bandwidth bound: a decode step must read every weight once (and the KV cache), so
+tokens/s <= memory bandwidth / bytes per token; bandwidth is measured here (a large sum).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
+
+
+def measure_bandwidth(repeats: int = 7) -> float:
+    """Bytes/s of reading a 1 GiB fp32 tensor (a sum: read-only, like a GEMV's weight stream)."""
+    x = torch.ones(256 * 1024 * 1024)
+    x.sum()  # page in
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t0)
+    return x.numel() * 4 / statistics.median(times)
+
+
+def bytes_per_token(model, kv_len: int) -> int:
+    """Weight bytes one decode step reads (the embedding row aside; a tied lm_head reads it all)
+    plus the KV cache it attends over."""
+    c = model.config
+    seen, total = set(), 0
+    for name, module in model.named_modules():
+        for p in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+            # The embedding lookup reads one row; a tied lm_head still reads it all, as output.weight.
+            if id(p) in seen or name == "tok_embeddings" or "kv_cache" in name or p.dim() == 0:
+                continue
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    kv = 2 * c.n_layers * c.n_kv_heads * c.head_dim * kv_len * 4
+    return total + kv
+
+
+# --- the two engines ------------------------------------------------------------------------
+
+
+def run_ours(model, prompt: list[int], n: int) -> tuple[list[int], float, float]:
+    """-> (tokens, decode tokens/s (first to last new token), total seconds)."""
+    from slm.generate import generate
+
+    stamps = []
+    res = generate(model, prompt, n, stop_ids=[], on_token=lambda t: stamps.append(time.perf_counter()))
+    return res.tokens, (len(stamps) - 1) / (stamps[-1] - stamps[0]), res.seconds
+
+
+def run_hf(model, prompt: list[int], n: int) -> tuple[list[int], float, float]:
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    stamps = []
+
+    class Stamp(LogitsProcessor):  # called once per new token, right after that step's forward
+        def __call__(self, input_ids, scores):
+            stamps.append(time.perf_counter())
+            return scores
+
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+            logits_processor=LogitsProcessorList([Stamp()]), eos_token_id=None, pad_token_id=0,
+        )
+    total = time.perf_counter() - t0
+    return out[0, len(prompt):].tolist(), (len(stamps) - 1) / (stamps[-1] - stamps[0]), total
+
+
+# --- cases ----------------------------------------------------------------------------------
+
+
+def load_case(name: str):
+    """-> (slm model, transformers model, tokenizer or None)."""
+    import transformers
+
+    from slm.weights import load_model, slm_to_hf
+
+    if name == "smollm2":
+        from slm.assets import smollm2_gguf
+        from slm.gguf_import import cached_import
+        from slm.tokenizer import Tokenizer
+
+        model_dir = cached_import(smollm2_gguf())
+        ours = load_model(model_dir)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        return ours, hf.eval(), Tokenizer.load(model_dir)
+    from slm.config import get_config
+    from slm.model import Transformer
+
+    config = get_config(name)
+    ours = Transformer(config)
+    ours.init_weights(torch.Generator().manual_seed(0))
+    ours.eval()
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config.to_hf()))
+    hf.load_state_dict(slm_to_hf(ours.state_dict(), config), strict=True)
+    return ours, hf.eval(), None
+
+
+def make_prompt(tokenizer, vocab_size: int, length: int) -> list[int]:
+    """Real text (stdlib source) when the model has a tokenizer, else seeded random ids."""
+    if tokenizer is None:
+        g = torch.Generator().manual_seed(length)
+        return torch.randint(3, vocab_size, (length,), generator=g).tolist()
+    import sysconfig
+
+    text = Path(sysconfig.get_paths()["stdlib"], "argparse.py").read_text()
+    ids = tokenizer.encode(text)
+    return ids[:length]
+
+
+def bench_case(engines: dict, prompt: list[int], n: int, repeats: int, warmup: int) -> dict:
+    results = {k: [] for k in engines}
+    tokens = {}
+    for r in range(warmup + repeats):
+        for name, fn in engines.items():  # interleaved: A, B, (C,) A, B, ...
+            toks, tps, total = fn(prompt, n)
+            tokens[name] = toks
+            if r >= warmup:
+                results[name].append((tps, total))
+    return {
+        name: {
+            "decode_tok_s": statistics.median(t for t, _ in runs),
+            "total_s": statistics.median(s for _, s in runs),
+            "tokens": tokens[name],
+        }
+        for name, runs in results.items()
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", choices=["smollm2", "amd-llama-135m", "all"], default="all")
+    ap.add_argument("--context", choices=["short", "long", "all"], default="all")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--quantize", choices=["int8"], default=None, help="add an slm int8 row (vs transformers fp32)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    bw = measure_bandwidth()
+    print(f"threads={args.threads} torch={torch.__version__} bandwidth={bw / 1e9:.1f} GB/s "
+          f"loadavg={os.getloadavg()}", flush=True)
+    models = ["smollm2", "amd-llama-135m"] if args.model == "all" else [args.model]
+    contexts = {"short": 32, "long": 1950}
+    contexts = contexts if args.context == "all" else {args.context: contexts[args.context]}
+    rows = []
+    for name in models:
+        ours, hf, tok = load_case(name)
+        int8 = None
+        if args.quantize == "int8":
+            from slm.quantize import quantized_copy
+
+            int8 = quantized_copy(ours)
+        for ctx, length in contexts.items():
+            prompt = make_prompt(tok, ours.config.vocab_size, length)
+            engines = {
+                "slm": lambda p, n: run_ours(ours, p, n),
+                "transformers": lambda p, n: run_hf(hf, p, n),
+            }
+            if int8 is not None:
+                engines["slm-int8"] = lambda p, n: run_ours(int8, p, n)
+            r = bench_case(engines, prompt, args.new_tokens, args.repeats, args.warmup)
+            if r["slm"]["tokens"] != r["transformers"]["tokens"]:
+                raise SystemExit(f"{name}/{ctx}: slm and transformers generated different tokens")
+            kv_len = len(prompt) + args.new_tokens // 2
+            bound = bw / bytes_per_token(ours, kv_len)
+            hf_tps = r["transformers"]["decode_tok_s"]
+            row = {
+                "model": name, "context": len(prompt), "threads": args.threads,
+                "slm_tok_s": round(r["slm"]["decode_tok_s"], 2), "hf_tok_s": round(hf_tps, 2),
+                "ratio": round(r["slm"]["decode_tok_s"] / hf_tps, 3),
+                "bound_tok_s": round(bound, 1), "slm_of_bound": round(r["slm"]["decode_tok_s"] / bound, 3),
+                "loadavg": [round(x, 2) for x in os.getloadavg()],
+            }
+            if int8 is not None:
+                q = r["slm-int8"]
+                same = sum(a == b for a, b in zip(q["tokens"], r["slm"]["tokens"])) / len(q["tokens"])
+                row.update(int8_tok_s=round(q["decode_tok_s"], 2), int8_ratio=round(q["decode_tok_s"] / hf_tps, 3),
+                           int8_same_tokens=round(same, 3))
+            rows.append(row)
+            if args.json:
+                print(json.dumps(row), flush=True)
+            else:
+                extra = (f"  int8 {row['int8_tok_s']:6.1f} tok/s ({row['int8_ratio']:.2f}x, "
+                         f"{row['int8_same_tokens']:.0%} same tokens)" if int8 is not None else "")
+                print(f"{name:15s} ctx {len(prompt):5d}: slm {row['slm_tok_s']:6.1f} tok/s  transformers "
+                      f"{row['hf_tok_s']:6.1f} tok/s  ratio {row['ratio']:.2f}x  bound {bound:6.1f} tok/s "
+                      f"(slm at {row['slm_of_bound']:.0%}){extra}  loadavg {row['loadavg']}", flush=True)
+        del ours, hf, int8
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""Draft sources: a smaller model (slm or transformers), or prompt lookup (n-gram matching).
+
+A draft proposes up to k tokens after the context, together with the distribution q it drew
+each one from (None for a deterministic proposal: q is then the one-hot of the token, which
+rejection sampling handles exactly). Distributions are over the target's vocabulary: a draft
+whose vocabulary is a prefix of the target's gives the missing ids probability 0.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from slm.errors import SlmError
+from slm.sampling import SamplingParams, logits_to_probs, sample
+from slm.speculative.lm import CachedLM, as_lm
+
+
+@dataclass
+class Proposal:
+    tokens: list[int]
+    probs: torch.Tensor | None  # (len(tokens), V_target) draft distributions; None: deterministic
+    forwards: int = 0  # draft model forward passes spent
+
+
+class Draft:
+    """Interface of a draft source."""
+
+    def reset(self, length: int) -> None:
+        """Start a new sequence of up to `length` tokens."""
+
+    def max_tokens(self, context_len: int) -> int:
+        """How many tokens this draft can propose after a context of this length."""
+        return 1 << 30
+
+    def propose(self, context: list[int], k: int, sampling: SamplingParams, generator=None) -> Proposal:
+        raise NotImplementedError
+
+
+class ModelDraft(Draft):
+    """A draft language model with its own KV cache.
+
+    The cache trails the context: after a round, the draft has cached the old context plus its
+    own proposals except the last; the target then keeps a prefix of them and adds one token.
+    The next `propose` finds how much of its cache is still valid (the common prefix of what it
+    fed and the new context) and feeds the rest in one forward: usually 1 token, 2 after a full
+    accept (the last draft token and the target's bonus token), more after rounds without drafting.
+    """
+
+    def __init__(self, lm: CachedLM, target_vocab: int):
+        self.lm = lm
+        self.target_vocab = target_vocab
+        self.width = min(lm.vocab_size, target_vocab)  # draft logits beyond the target's vocabulary are dropped
+        self.fed: list[int] = []  # tokens written to the draft's cache, by position
+        self.base = 0  # context length at the last propose: fed[:base] is known to match the context
+
+    def reset(self, length: int) -> None:
+        self.lm.prepare(length)
+        self.fed, self.base = [], 0
+
+    def max_tokens(self, context_len: int) -> int:
+        return self.lm.max_seq_len - context_len  # draft tokens occupy positions context_len..
+
+    def _valid_prefix(self, context: list[int]) -> int:
+        n, fed = self.base, self.fed
+        limit = min(len(fed), len(context) - 1)  # always re-feed the last token: we need its logits
+        while n < limit and fed[n] == context[n]:
+            n += 1
+        return min(n, limit)
+
+    def _pick(self, logits: torch.Tensor, sampling: SamplingParams, generator) -> tuple[int, torch.Tensor | None]:
+        logits = logits[: self.width]
+        if sampling.greedy:
+            return int(logits.argmax()), None
+        q = logits_to_probs(logits, sampling)  # (width,)
+        return int(sample(q, generator)), F.pad(q, (0, self.target_vocab - self.width))  # (V_target,)
+
+    def propose(self, context: list[int], k: int, sampling: SamplingParams, generator=None) -> Proposal:
+        n = len(context)
+        valid = self._valid_prefix(context)
+        logits = self.lm.forward(context[valid:], valid, last_only=True)[-1]
+        tokens, probs = [], []
+        for i in range(k):
+            tok, q = self._pick(logits, sampling, generator)
+            tokens.append(tok)
+            probs.append(q)
+            if i + 1 < k:  # the last proposal's logits are never needed
+                logits = self.lm.forward([tok], n + i, last_only=True)[-1]
+        self.fed = context + tokens[:-1]
+        self.base = n
+        return Proposal(tokens, None if sampling.greedy else torch.stack(probs), forwards=k)
+
+
+class NgramDraft(Draft):
+    """Prompt lookup: find the latest earlier occurrence of the context's last n tokens (longest n
+    first, n = max_ngram..1) and propose the tokens that followed it. No model, no cost; strong
+    when the output copies from the prompt (code, edits, quotations)."""
+
+    def __init__(self, max_ngram: int = 3):
+        self.max_ngram = max_ngram
+        self.reset(0)
+
+    def reset(self, length: int) -> None:
+        # (n-gram) -> end position (exclusive) of its latest occurrence that is not the context's suffix
+        self.index: dict[tuple[int, ...], int] = {}
+        self.indexed = 0  # n-grams ending at positions <= indexed are in the index
+
+    def _index_upto(self, context: list[int], end: int) -> None:
+        for e in range(self.indexed + 1, end + 1):
+            for n in range(1, min(self.max_ngram, e) + 1):
+                self.index[tuple(context[e - n : e])] = e
+        self.indexed = max(self.indexed, end)
+
+    def propose(self, context: list[int], k: int, sampling: SamplingParams, generator=None) -> Proposal:
+        n = len(context)
+        self._index_upto(context, n - 1)  # everything but the suffix ending at n itself
+        for size in range(min(self.max_ngram, n), 0, -1):
+            end = self.index.get(tuple(context[n - size :]))
+            if end is not None:
+                return Proposal(context[end : end + k], None)
+        return Proposal([], None)
+
+
+# --- vocabularies ------------------------------------------------------------------------
+
+
+def check_same_vocabulary(target_tok, draft_tok, target_name: str, draft_name: str) -> None:
+    """Refuse a draft whose tokenizer disagrees with the target's on any shared id.
+
+    A draft vocabulary that is a prefix of the target's (or the other way round) is fine: only
+    the ids both have are compared, string for string."""
+    shared = min(target_tok.vocab_size, draft_tok.vocab_size)
+    for i in range(shared):
+        a, b = target_tok.id_to_token(i), draft_tok.id_to_token(i)
+        if a != b:
+            raise SlmError(
+                f"draft {draft_name}: its tokenizer differs from the target's ({target_name}) at id {i}: "
+                f"{b!r} vs {a!r}; speculative decoding needs a shared vocabulary"
+            )
+
+
+def _tokenizer(path: Path, what: str):
+    from slm.tokenizer import Tokenizer
+
+    if not ((path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()):
+        raise SlmError(f"{what} {path}: no tokenizer files, so it cannot be checked to share the target's vocabulary")
+    return Tokenizer.load(path)
+
+
+def load_draft(spec: str, target, target_dir: str | os.PathLike | None = None) -> Draft:
+    """Resolve a `--draft` value against the (already loaded) target.
+
+    "ngram": prompt lookup. "int8": the target's own int8 weight-only copy (slm.quantize).
+    "hf:DIR" or a transformers directory that slm cannot load: a transformers draft.
+    Otherwise an slm model directory or .gguf file. Model drafts must share the target's tokenizer.
+    """
+    target_lm = as_lm(target)
+    if spec == "ngram":
+        return NgramDraft()
+    if spec == "int8":
+        from slm.model import Transformer
+
+        if not isinstance(target, Transformer):
+            raise SlmError("draft 'int8' is the target's own int8 copy, which needs an slm target model")
+        try:
+            from slm.quantize import quantized_copy
+        except ImportError:
+            raise SlmError("draft 'int8' needs slm.quantize, which this installation does not have") from None
+        return ModelDraft(as_lm(quantized_copy(target)), target_lm.vocab_size)
+
+    force_hf = spec.startswith("hf:")
+    path = Path(spec[3:] if force_hf else spec)
+    if not path.exists():
+        raise SlmError(f"draft {path}: no such file or directory (expected a model directory, a .gguf, 'ngram' or 'int8')")
+    draft_lm = None
+    if not force_hf:
+        from slm.weights import load_model, read_config, resolve_model_dir
+
+        model_dir = resolve_model_dir(path)
+        try:
+            read_config(model_dir)
+        except SlmError:
+            if path.is_dir():  # not a LLaMA-architecture config: transformers may still run it
+                force_hf = True
+            else:
+                raise
+        if not force_hf:
+            draft_lm = as_lm(load_model(model_dir))
+            path = model_dir
+    if force_hf:
+        from slm.speculative.hf import load_hf_lm
+
+        draft_lm = load_hf_lm(path)
+    if target_dir is not None:
+        check_same_vocabulary(
+            _tokenizer(Path(target_dir), "target"), _tokenizer(path, "draft"), str(target_dir), str(path)
+        )
+    return ModelDraft(draft_lm, target_lm.vocab_size)
+
+
+def as_draft(draft, target_vocab: int) -> Draft:
+    """A Draft, or any model `as_lm` accepts (wrapped as a ModelDraft)."""
+    return draft if isinstance(draft, Draft) else ModelDraft(as_lm(draft), target_vocab)

@@ -1,0 +1,374 @@
+"""The training loop: `train(cfg)` runs one process's share of a (possibly distributed) run.
+
+One optimizer step = `grad_accum` micro-batches per rank, each loss divided by `grad_accum`
+so that, with the ranks' gradients averaged by DDP/FSDP, the step's gradient is the mean
+over the global batch. Then: clip, AdamW, LR of the next step, and on schedule a metrics
+line, a validation pass and a checkpoint. The same function runs alone or under torchrun.
+
+Exact resume: everything a step depends on is in the checkpoint (weights, AdamW moments and
+step counts, loader position, RNG states) and the learning rate is a pure function of the
+step, so a resumed run computes bit-identical weights on the same hardware and world size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slm.config import ModelConfig, get_config
+from slm.errors import SlmError
+from slm.train import checkpoint as ckpt
+from slm.train.loss import LanguageModel
+from slm.train.metrics import MetricsLog, flops_per_token, peak_flops, read_metrics
+from slm.train.parallel import (
+    DistInfo, all_gather_objects, all_reduce_max, all_reduce_sum, barrier, init_distributed, no_grad_sync,
+    parallelize, shutdown_distributed,
+)
+from slm.train.recipes import TrainConfig, grad_accum_steps, lr_at, save_config
+
+CONFIG_FILE = "train_config.json"
+TOKENIZER_DIR = "tokenizer"
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    stopped_by: str  # "max_steps" or "time_budget"
+    checkpoint: Path | None
+    train_loss: float | None
+    val_loss: float | None
+    tokens: int
+    seconds: float
+
+
+# --- setup pieces ------------------------------------------------------------------------------
+
+
+def model_config_for(cfg: TrainConfig) -> ModelConfig:
+    if cfg.init_from:
+        from slm.weights import read_config
+
+        mc = read_config(cfg.init_from)
+        if cfg.model is not None:
+            named = get_config(cfg.model)
+            if dataclasses.replace(named, name=mc.name, extra_hf=mc.extra_hf) != mc:
+                raise SlmError(f"--config {cfg.model} does not match the shape of --init-from {cfg.init_from}")
+        if cfg.vocab_size is not None and cfg.vocab_size != mc.vocab_size:
+            raise SlmError(f"--vocab-size {cfg.vocab_size} differs from --init-from {cfg.init_from} ({mc.vocab_size})")
+        return mc
+    mc = get_config(cfg.model)
+    return mc.replace(vocab_size=cfg.vocab_size) if cfg.vocab_size is not None else mc
+
+
+def build_training_model(mc: ModelConfig, cfg: TrainConfig) -> LanguageModel:
+    """A LanguageModel on CPU: AMD init from the seed, or the weights of --init-from."""
+    model = LanguageModel(mc)
+    if cfg.init_from:
+        from slm.weights import load_model
+
+        model.load_state_dict(load_model(cfg.init_from).state_dict(), strict=True)
+    else:
+        model.init_weights(torch.Generator().manual_seed(cfg.seed))
+    model.loss_chunk = cfg.loss_chunk
+    return model
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    # Decay matrices (linear weights, embeddings), not norm gains; see recipes.py.
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        groups, lr=lr_at(cfg, 0), betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=device.type == "cuda"
+    )
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def data_checks(cfg: TrainConfig, mc: ModelConfig) -> dict:
+    from slm.data.loader import read_manifest
+
+    manifest = read_manifest(cfg.data)
+    if cfg.seq_len is not None and cfg.seq_len != manifest["seq_len"]:
+        raise SlmError(
+            f"--seq-len {cfg.seq_len} differs from the data's seq_len {manifest['seq_len']} ({cfg.data}); "
+            "prepare the data with the sequence length to train at"
+        )
+    if manifest["seq_len"] > mc.max_seq_len:
+        raise SlmError(f"{cfg.data}: seq_len {manifest['seq_len']} exceeds model max_seq_len {mc.max_seq_len}")
+    vocab = manifest.get("tokenizer", {}).get("vocab_size")
+    if vocab is not None and vocab > mc.vocab_size:
+        raise SlmError(f"{cfg.data}: tokenizer vocab_size {vocab} exceeds the model's vocab_size {mc.vocab_size}")
+    return manifest
+
+
+def copy_run_tokenizer(manifest: dict, run_dir: Path) -> None:
+    """Keep the data's tokenizer in the run directory, so export never depends on where the data was."""
+    from slm.weights import copy_tokenizer_files
+
+    src = manifest.get("tokenizer", {}).get("path")
+    if not src or not Path(src).exists():
+        return
+    dst = run_dir / TOKENIZER_DIR
+    dst.mkdir(exist_ok=True)
+    copy_tokenizer_files(Path(src).parent, dst)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --- checkpoint glue ---------------------------------------------------------------------------
+
+
+def _state_dict_options(cpu_offload: bool):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # Full (unsharded) tensors: a checkpoint does not depend on the parallel mode or world size.
+    return StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload)
+
+
+def save_training_checkpoint(run_dir, model, optimizer, loader, step, info: DistInfo, cfg, extra: dict) -> Path | None:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    opts = _state_dict_options(cpu_offload=True)
+    model_sd = get_model_state_dict(model, options=opts)  # full on rank 0, empty elsewhere
+    optim_sd = get_optimizer_state_dict(model, optimizer, options=opts)
+    rng = all_gather_objects(ckpt.capture_rng(), info)
+    path = None
+    if info.is_main:
+        state = {"loader": loader.state_dict(), "world_size": info.world_size, **extra}
+        path = ckpt.save_checkpoint(run_dir, step, model_sd, optim_sd, rng, state, cfg.keep_last)
+    barrier(info)
+    return path
+
+
+def load_training_checkpoint(c: ckpt.Checkpoint, model, optimizer, loader, info: DistInfo, global_batch: int) -> None:
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    if c.state["global_batch"] != global_batch:
+        raise SlmError(
+            f"{c.path}: checkpoint was trained with a global batch of {c.state['global_batch']} sequences, "
+            f"this run has {global_batch}; resume with the same global batch"
+        )
+    opts = _state_dict_options(cpu_offload=False)
+    set_model_state_dict(model, c.model, options=opts)
+    set_optimizer_state_dict(model, optimizer, c.optimizer, options=opts)
+    loader.load_state_dict(c.state["loader"])
+    # Same world size: every rank gets its own RNG state back. Another world size: the model and
+    # optimizer are full tensors and the loader position is global, so the run continues correctly;
+    # the per-rank RNG streams (unused by this loop's math) are seeded afresh.
+    if c.state["world_size"] == info.world_size:
+        ckpt.restore_rng(c.rng[info.rank])
+
+
+# --- evaluation --------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(engine, cfg: TrainConfig, info: DistInfo, amp) -> tuple[float, float] | None:
+    """Mean validation loss over the first `eval_batches` micro-batches of the split (all if 0), and its perplexity.
+
+    The same batches whatever the world size: global batch j is on rank j % world_size.
+    """
+    from slm.data.loader import PackedDataset, iterate_eval
+
+    n_windows = len(PackedDataset(cfg.data, "val"))
+    if n_windows == 0:
+        return None
+    limit = math.ceil(n_windows / cfg.batch_size)
+    if cfg.eval_batches:
+        limit = min(limit, cfg.eval_batches)
+    mine = len(range(info.rank, limit, info.world_size))
+    # Every rank runs the same number of forwards (FSDP gathers parameters collectively); a rank
+    # with fewer batches runs zero-weight ones.
+    rounds = math.ceil(limit / info.world_size)
+    loss_sum, count = 0.0, 0
+    x = None
+    for x, y in islice(iterate_eval(cfg.data, "val", cfg.batch_size, info.rank, info.world_size), mine):
+        with amp():
+            loss = engine(x.to(info.device), y.to(info.device))
+        loss_sum += float(loss) * y.numel()
+        count += y.numel()
+    dummy = torch.zeros(1, 1 if x is None else x.shape[1], dtype=torch.long, device=info.device)
+    for _ in range(rounds - mine):
+        with amp():
+            engine(dummy, dummy)
+    loss_sum, count = all_reduce_sum([loss_sum, float(count)], info)
+    mean = loss_sum / max(count, 1.0)
+    return mean, math.exp(min(mean, 80.0))
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = False, log=print) -> TrainResult:
+    """Train (or continue) the run in cfg.out. Under torchrun, every process calls this."""
+    info = init_distributed(cfg.device)
+    try:
+        return _train(cfg, info, resume, show_progress, log if info.is_main else (lambda *a, **k: None))
+    finally:
+        shutdown_distributed()
+
+
+def _train(cfg: TrainConfig, info: DistInfo, resume: bool, show_progress: bool, log) -> TrainResult:
+    from slm.data.loader import DataLoader
+
+    run_dir = Path(cfg.out)
+    mc = model_config_for(cfg)
+    manifest = data_checks(cfg, mc)
+    accum = grad_accum_steps(cfg, info.world_size)
+    global_batch = cfg.batch_size * accum * info.world_size
+    seq_len = manifest["seq_len"]
+    latest = ckpt.latest_checkpoint(run_dir) if resume else None
+    if not resume and ckpt.latest_checkpoint(run_dir) is not None:
+        raise SlmError(f"{run_dir}: already holds checkpoints; pass --resume to continue it, or use a new --out")
+
+    seed_everything(cfg.seed + info.rank)
+    model = build_training_model(mc, cfg)
+    if cfg.activation_checkpointing:
+        from torch.distributed._composable import checkpoint as activation_checkpoint
+
+        for block in model.layers:
+            activation_checkpoint(block)
+    model.to(info.device)
+    if cfg.compile:
+        for block in model.layers:
+            block.compile()
+    engine = parallelize(model, cfg.parallel, info)
+    optimizer = build_optimizer(model, cfg, info.device)
+    loader = DataLoader(cfg.data, "train", batch_size=cfg.batch_size, rank=info.rank, world_size=info.world_size,
+                        seed=cfg.seed)
+
+    start_step = 0
+    if latest is not None:
+        c = ckpt.load_checkpoint(latest)
+        if c.state.get("tokenizer_sha256") != manifest.get("tokenizer", {}).get("sha256"):
+            raise SlmError(f"{latest}: trained with another tokenizer than the one of {cfg.data}")
+        load_training_checkpoint(c, model, optimizer, loader, info, global_batch)
+        start_step = c.step
+        del c
+        log(f"resuming {run_dir} from {latest.name} (step {start_step})")
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / CONFIG_FILE)
+        copy_run_tokenizer(manifest, run_dir)
+        if latest is not None:  # drop metrics lines past the checkpoint (they will be recomputed)
+            kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= start_step]
+            ckpt.write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+    barrier(info)
+
+    amp_dtype = autocast_dtype(cfg, info.device)
+
+    def amp():
+        if amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(info.device.type, dtype=amp_dtype)
+
+    tokens_per_step = global_batch * seq_len
+    peak, peak_source = peak_flops(info.device, cfg.peak_tflops) if info.is_main else (0.0, "")
+    flops_step = flops_per_token(mc, seq_len) * tokens_per_step
+    metrics = MetricsLog(run_dir, enabled=info.is_main)
+    if info.is_main:
+        metrics.log({"kind": "start", "step": start_step, "world_size": info.world_size, "grad_accum": accum,
+                     "global_batch": global_batch, "tokens_per_step": tokens_per_step,
+                     "params": mc.num_params(), "flops_per_token": flops_per_token(mc, seq_len),
+                     "peak_flops": peak, "peak_source": peak_source, "device": str(info.device)})
+    log(f"training {mc.name} ({mc.num_params() / 1e6:.1f}M params) on {info.world_size} process(es), "
+        f"{global_batch} x {seq_len} tokens per step ({accum} micro-batch(es) of {cfg.batch_size} per rank)")
+    extra_state = {"global_batch": global_batch, "parallel": cfg.parallel, "config": cfg.to_dict(),
+                   "model_config": mc.to_hf(), "tokenizer_sha256": manifest.get("tokenizer", {}).get("sha256")}
+
+    bar = None
+    if show_progress and info.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    t_start = time.perf_counter()
+    t_last, steps_since_log = t_start, 0
+    step, last_loss, last_val, saved, stopped_by = start_step, None, None, None, "max_steps"
+    step_seconds = 0.0
+    engine.train()
+    while step < cfg.max_steps:
+        t0 = time.perf_counter()
+        lr = lr_at(cfg, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)
+        for micro in range(accum):
+            x, y = next(loader)
+            x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
+            with no_grad_sync(engine, cfg.parallel if info.distributed else "", sync=micro == accum - 1):
+                with amp():
+                    loss = engine(x, y) / accum
+                loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        steps_since_log += 1
+        last_loss = all_reduce_sum([float(loss_sum)], info)[0] / info.world_size
+        step_seconds = time.perf_counter() - t0
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens_per_step / step_seconds:,.0f}")
+
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            dt = time.perf_counter() - t_last
+            tok_s = tokens_per_step * steps_since_log / dt
+            metrics.log({"kind": "train", "step": step, "loss": last_loss, "lr": lr, "grad_norm": float(grad_norm),
+                         "tokens_per_s": tok_s, "mfu": flops_step * steps_since_log / dt / peak if peak else None,
+                         "tokens": step * tokens_per_step, "elapsed_s": time.perf_counter() - t_start})
+            t_last, steps_since_log = time.perf_counter(), 0
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            result = evaluate(engine, cfg, info, amp)
+            engine.train()
+            if result is not None:
+                last_val = result[0]
+                metrics.log({"kind": "val", "step": step, "val_loss": result[0], "val_ppl": result[1]})
+                if bar is not None:
+                    bar.write(f"step {step}: val loss {result[0]:.4f}, ppl {result[1]:.2f}")
+            t_last = time.perf_counter()  # evaluation time is not training throughput
+        # Stop early when the next step would overrun the budget (rank 0 decides for everyone).
+        out_of_time = 0.0
+        if cfg.time_budget is not None and info.is_main:
+            out_of_time = float(time.perf_counter() - t_start + step_seconds > cfg.time_budget)
+        out_of_time = all_reduce_max(out_of_time, info) > 0
+        if out_of_time and step < cfg.max_steps:
+            stopped_by = "time_budget"
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or out_of_time:
+            extra_state["train_loss"] = last_loss
+            saved = save_training_checkpoint(run_dir, model, optimizer, loader, step, info, cfg, extra_state)
+        if out_of_time:
+            break
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - t_start
+    metrics.log({"kind": "end", "step": step, "stopped_by": stopped_by, "seconds": seconds})
+    metrics.close()
+    if stopped_by == "time_budget":
+        log(f"time budget of {cfg.time_budget:g}s reached at step {step}; checkpoint written")
+    return TrainResult(run_dir, step, stopped_by, saved or ckpt.latest_checkpoint(run_dir), last_loss, last_val,
+                       (step - start_step) * tokens_per_step, seconds)
