@@ -207,3 +207,12 @@ def test_missing_source_is_an_error(tmp_path, tok_dir):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SlmError, match="no files ending in .py"):
         prepare_dir(tmp_path / "out", [f"code:{tmp_path / 'empty'}"], tok_dir)
+
+
+def test_text_the_tokenizer_rejects_is_skipped_not_fatal(tmp_path, tok, tok_dir):
+    docs = make_docs(3, seed=8)
+    rows = jsonl_rows(docs[:1]) + '{"text": "lone surrogate \\ud800 here"}\n' + jsonl_rows(docs[1:])
+    (tmp_path / "s.jsonl").write_text(rows)
+    m = prepare_dir(tmp_path / "out", [f"slimpajama:{tmp_path / 's.jsonl'}"], tok_dir)
+    src = check_stream(tmp_path / "out", "slimpajama", tok, docs, m)
+    assert src["skipped"]["by_reason"] == {"cannot be tokenized": 1}

@@ -6,7 +6,7 @@ import pytest
 from _data_common import make_docs, train_tiny_tokenizer
 
 from slm.errors import SlmError
-from slm.tokenizer import Tokenizer, train_tokenizer
+from slm.tokenizer import Tokenizer, llama_bpe_tokenizer, train_tokenizer
 
 SAMPLES = [
     "Hello world",
@@ -79,3 +79,39 @@ def test_training_errors_are_user_errors(tmp_path):
         train_tokenizer([tmp_path / "small.txt"], tmp_path / "t", vocab_size=5000)
     with pytest.raises(SlmError, match="no such file"):
         train_tokenizer([tmp_path / "missing.txt"], tmp_path / "t", vocab_size=300)
+
+
+def _llama_spm_vocab_gguf():
+    """llama.cpp's LLaMA-2 vocabulary test file, if present (from the llama-cpp-python sdist, see ASSETS.md)."""
+    import os
+    from pathlib import Path
+
+    path = Path(os.environ.get("SLM_LLAMA_SPM_VOCAB", "ggml-vocab-llama-spm.gguf"))
+    if not (path.is_file() and path.with_name(path.name + ".inp").is_file()):
+        pytest.skip(
+            "set SLM_LLAMA_SPM_VOCAB to vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf from the "
+            "llama-cpp-python==0.3.36 sdist (with its .inp/.out next to it)"
+        )
+    return path
+
+
+def test_exact_llama2_vocabulary_matches_reference_tokenisations():
+    """The real LLaMA-2 32k vocabulary, converted the way we convert our own, reproduces the
+    reference ids that llama.cpp ships for it (empty strings, runs of spaces, tabs, newlines, CJK, emoji)."""
+    import gguf
+
+    path = _llama_spm_vocab_gguf()
+    reader = gguf.GGUFReader(str(path))
+
+    tokens, token_types = reader.fields["tokenizer.ggml.tokens"], reader.fields["tokenizer.ggml.token_type"]
+    pieces = [bytes(tokens.parts[i]).decode("utf-8") for i in tokens.data]
+    types = [int(token_types.parts[i][0]) for i in token_types.data]  # 1 normal, 2 unknown, 3 control, 6 byte
+    scores = [float(reader.fields["tokenizer.ggml.scores"].parts[i][0]) for i in reader.fields["tokenizer.ggml.scores"].data]
+    assert len(pieces) == 32000 and pieces[:3] == ["<unk>", "<s>", "</s>"]
+    hf = llama_bpe_tokenizer(pieces, scores, [t == 1 for t in types], unk_id=0, bos_id=1, eos_id=2)
+    # .inp: each case followed by "\n__ggml_vocab_test__\n"; .out: one line of ids per case
+    texts = path.with_name(path.name + ".inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")[:-1]
+    expected = path.with_name(path.name + ".out").read_text(encoding="utf-8").split("\n")[:-1]
+    assert len(texts) == len(expected) == 46
+    for text, ids in zip(texts, expected):
+        assert hf.encode(text, add_special_tokens=False).ids == [int(t) for t in ids.split()], repr(text)

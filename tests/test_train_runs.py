@@ -208,7 +208,7 @@ def dist_args(data_dir, out, **over):
 @pytest.fixture(scope="module")
 def single_process_run(data_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("single") / "run"
-    slm_train(*dist_args(data_dir, out))  # micro-batch 4, global 8: 2 accumulation steps
+    assert slm_in_process("train", *dist_args(data_dir, out)) == 0  # micro-batch 4, global 8: 2 accumulation steps
     return out
 
 

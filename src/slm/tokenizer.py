@@ -248,29 +248,29 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_hf_tokenizer_files(model_file: str | os.PathLike, out: str | os.PathLike) -> None:
-    """tokenizer.json (+ config files) equivalent to a LLaMA-style SentencePiece BPE model.
+def llama_bpe_tokenizer(
+    pieces: list[str], scores: list[float], mergeable: list[bool], unk_id: int, bos_id: int, eos_id: int
+):
+    """A `tokenizers.Tokenizer` that encodes exactly like a LLaMA SentencePiece BPE vocabulary.
 
-    The conversion follows transformers' LlamaConverter (vocab from the pieces, merges
-    recovered from the vocab in piece order, the dummy-prefix normalizer, byte
-    fallback) but needs neither protobuf nor transformers.
+    `pieces` and `scores` in id order; `mergeable[i]` is False for control, unknown and
+    byte-fallback pieces. Merges are recovered from the vocabulary as transformers'
+    SentencePieceExtractor does and ranked by the merged piece's score (SentencePiece
+    merges the best-scoring pair first; LLaMA-2 gives its whitespace runs -1e9, so id
+    order is not enough), ties by id.
     """
-    import sentencepiece as spm
     from tokenizers import AddedToken, decoders, normalizers, processors
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers.models import BPE
 
-    sp = spm.SentencePieceProcessor(model_file=str(model_file))
-    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    vocab = {p: i for i, p in enumerate(pieces)}
     merges = []
     for piece, pid in vocab.items():
-        if sp.is_control(pid) or sp.is_unknown(pid) or sp.is_byte(pid):
-            continue
-        pairs = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
-        merges.extend(sorted(pairs, key=lambda lr: (vocab[lr[0]], vocab[lr[1]])))
-    # Merges must be ranked by the merged piece's id (= SentencePiece score order); stable sort keeps pairs' order.
-    merges.sort(key=lambda lr: vocab[lr[0] + lr[1]])
-    unk, bos, eos = sp.id_to_piece(sp.unk_id()), sp.id_to_piece(sp.bos_id()), sp.id_to_piece(sp.eos_id())
+        if mergeable[pid]:
+            pairs = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+            merges.extend(sorted(pairs, key=lambda lr: (vocab[lr[0]], vocab[lr[1]])))
+    merges.sort(key=lambda lr: (-scores[vocab[lr[0] + lr[1]]], vocab[lr[0] + lr[1]]))  # stable within a piece
+    unk, bos, eos = pieces[unk_id], pieces[bos_id], pieces[eos_id]
     tok = HFTokenizer(BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
     # SentencePiece always adds the dummy "▁" prefix (even before a leading space) and merges
     # across the whole string: a normalizer, not a Metaspace pre-tokenizer, does exactly that.
@@ -280,8 +280,30 @@ def write_hf_tokenizer_files(model_file: str | os.PathLike, out: str | os.PathLi
     )
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (unk, bos, eos)])
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, sp.bos_id())]
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
     )
+    return tok
+
+
+def write_hf_tokenizer_files(model_file: str | os.PathLike, out: str | os.PathLike) -> None:
+    """tokenizer.json (+ config files) equivalent to a LLaMA-style SentencePiece BPE model.
+
+    The conversion (`llama_bpe_tokenizer`) follows transformers' LlamaConverter but needs
+    neither protobuf nor transformers.
+    """
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    n = sp.get_piece_size()
+    tok = llama_bpe_tokenizer(
+        pieces=[sp.id_to_piece(i) for i in range(n)],
+        scores=[sp.get_score(i) for i in range(n)],
+        mergeable=[not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i)) for i in range(n)],
+        unk_id=sp.unk_id(),
+        bos_id=sp.bos_id(),
+        eos_id=sp.eos_id(),
+    )
+    unk, bos, eos = sp.id_to_piece(sp.unk_id()), sp.id_to_piece(sp.bos_id()), sp.id_to_piece(sp.eos_id())
     out = Path(out)
     _write_atomic(out / "tokenizer.json", tok.to_str(pretty=True).encode())
     # Not "LlamaTokenizer": transformers 5 rebuilds that class's pre-tokenizer (Metaspace, which

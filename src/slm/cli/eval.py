@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, metavar="N", help="score only the first N items per task")
     p.add_argument(
         "--batch-size", type=int, default=16, metavar="B",
-        help="items (questions, with all their choices) per forward pass (default 16)",
+        help="items (a question with all its choices) per forward pass (default 16); batches of the "
+        "longest items hold fewer, at most B x the median item length in tokens",
     )
     p.add_argument("--json", metavar="OUT", default=None, help="also write the results (and per-item scores) as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

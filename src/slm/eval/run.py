@@ -47,6 +47,8 @@ def evaluate(
 
     if batch_size < 1:
         raise SlmError(f"--batch-size must be >= 1, got {batch_size}")
+    if not os.path.isdir(model_dir):  # the tokenizer files must be beside the weights
+        raise SlmError(f"{model_dir}: not a model directory (for a .gguf file, run `slm import FILE --out DIR` first)")
     task_items = {name: build_items(name, data_dir, limit) for name in tasks}  # fail on missing data first
     if model is None:
         from slm.weights import load_model

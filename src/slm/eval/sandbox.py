@@ -29,6 +29,7 @@ import os
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -105,6 +106,9 @@ class Isolation:
 def _lock_dir() -> Path:
     d = Path(tempfile.gettempdir()) / "slm-sandbox-uids"
     d.mkdir(mode=0o700, exist_ok=True)
+    st = d.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise SlmError(f"{d}: expected a directory of ours that others cannot write (it holds the sandbox uid locks)")
     return d
 
 
@@ -131,43 +135,48 @@ def _lease_uid():
     raise SlmError(f"all {UID_COUNT} sandbox uids from {UID_BASE} are in use")
 
 
-def _uids_of(pid: str) -> tuple[int, ...]:
+def _status(pid: str) -> dict[str, str]:
+    """Fields of /proc/PID/status (raises FileNotFoundError/ProcessLookupError if it is gone)."""
     with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("Uid:"):
-                return tuple(int(x) for x in line.split()[1:])
-    return ()
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
 
 
-def kill_uid(uid: int, attempts: int = 50) -> int:
-    """SIGKILL every process running as `uid` (ours to own: a sandbox uid), until none is left."""
+def _live_processes(uid: int | None = None):
+    """(pid, status) of every process that is not a zombie, of `uid` (real or effective) if given."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            st = _status(pid)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if st.get("State", "").startswith("Z"):  # already dead, waiting for its parent to reap it
+            continue
+        if uid is None or uid in [int(x) for x in st.get("Uid", "").split()[:2]]:
+            yield int(pid), st
+
+
+def kill_uid(uid: int, attempts: int = 100) -> int:
+    """SIGKILL every live process running as `uid` (a sandbox uid: ours alone), until none is left."""
     killed = 0
     for _ in range(attempts):
         found = 0
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
+        for pid, _st in _live_processes(uid):
             try:
-                if uid in _uids_of(pid):
-                    os.kill(int(pid), signal.SIGKILL)
-                    found += 1
-            except (FileNotFoundError, ProcessLookupError, PermissionError):
-                continue
+                os.kill(pid, signal.SIGKILL)
+                found += 1
+            except ProcessLookupError:
+                pass
         if not found:
             return killed
         killed += found
-        time.sleep(0.01)
+        time.sleep(0.005)
     return killed
 
 
-def _count_own_processes() -> int:
-    uid, n = os.getuid(), 0
-    for pid in os.listdir("/proc"):
-        try:
-            n += pid.isdigit() and _uids_of(pid)[:1] == (uid,)
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-    return n
+def _count_own_tasks() -> int:
+    """Processes and threads of our real uid: what RLIMIT_NPROC counts."""
+    return sum(int(st.get("Threads", "1")) for _pid, st in _live_processes(os.getuid()))
 
 
 # --- running ---------------------------------------------------------------------------
@@ -209,7 +218,9 @@ def _wait_exit(proc: subprocess.Popen, timeout: float) -> bool:
             time.sleep(0.005)
         return False
     try:
-        return bool(select.select([fd], [], [], timeout)[0])
+        poller = select.poll()  # not select(): our fds may be numbered above FD_SETSIZE
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(max(0, int(timeout * 1000))))
     finally:
         os.close(fd)
 
@@ -229,7 +240,7 @@ def run_program(source: str, limits: SandboxLimits = SandboxLimits(), guard: boo
     with _lease_uid() as uid:
         # Root ignores RLIMIT_NPROC and a shared uid's count includes all our processes: only a
         # sandbox uid gets the plain limit; otherwise leave room above what we already run.
-        nproc = limits.max_processes if uid is not None else _count_own_processes() + limits.max_processes
+        nproc = limits.max_processes if uid is not None else _count_own_tasks() + limits.max_processes
         workdir = _make_workdir(uid)
         try:
             Path(workdir, PROGRAM_NAME).write_text(source, encoding="utf-8")

@@ -118,9 +118,15 @@ def set_limits(limits: dict) -> None:
         ("RLIMIT_NPROC", limits["max_processes"]),
         ("RLIMIT_CORE", 0),
     ):
+        resource_id = getattr(resource, name)
+        current_hard = resource.getrlimit(resource_id)[1]
+        if current_hard != resource.RLIM_INFINITY:  # only root may raise a hard limit
+            value = min(value, current_hard)
         # CPU: the soft limit sends SIGXCPU, the hard one (a second later) SIGKILL.
         hard = value + 1 if name == "RLIMIT_CPU" else value
-        resource.setrlimit(getattr(resource, name), (value, hard))
+        if current_hard != resource.RLIM_INFINITY:
+            hard = min(hard, current_hard)
+        resource.setrlimit(resource_id, (value, hard))
 
 
 def drop_privileges(uid: int, gid: int) -> None:

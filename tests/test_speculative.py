@@ -1,0 +1,224 @@
+"""Speculative decoding, greedy: token-for-token the target's own greedy output, whatever the draft
+(always right, always wrong, unrelated, prompt lookup, a smaller vocabulary, a transformers model),
+for many prompts and K; plus the schedule, the draft loader and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import make_model_dir, make_tokenizer_dir, randomize
+from slm.config import get_config
+from slm.errors import SlmError
+from slm.generate import generate
+from slm.model import Transformer
+from slm.sampling import SamplingParams
+from slm.speculative import (
+    AdaptiveK, ModelDraft, NgramDraft, SlmLM, load_draft, parse_draft_tokens, speculative_generate,
+)
+
+KS = [0, 1, 2, 3, 5, 8, "auto"]
+
+
+def _tiny(seed: int, **overrides) -> Transformer:
+    return randomize(Transformer(get_config("tiny", **overrides)), seed).eval()
+
+
+@pytest.fixture(scope="module")
+def target():
+    return _tiny(0)
+
+
+@pytest.fixture(scope="module")
+def drafts(target):
+    wrong = _tiny(0)
+    with torch.no_grad():  # the target with negated logits: its argmax is the target's argmin, never its argmax
+        wrong.output.weight.neg_()
+    return {"right": target, "wrong": wrong, "other": _tiny(1, n_layers=1), "ngram": NgramDraft()}
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = [1, 2, 5, 9, 20, 33]
+    out = [torch.randint(3, 256, (lengths[i % len(lengths)],), generator=g).tolist() for i in range(n)]
+    out.append([7, 8, 9, 10, 7, 8, 9, 10, 7, 8])  # repetitive: prompt lookup finds matches
+    return out
+
+
+@pytest.mark.parametrize("kind", ["right", "wrong", "other", "ngram"])
+def test_greedy_equals_target_greedy(target, drafts, kind):
+    draft = drafts[kind]
+    for prompt in _prompts(6):
+        ref = generate(target, prompt, 24, stop_ids=[]).tokens
+        for k in KS:
+            r = speculative_generate(target, draft, prompt, 24, draft_tokens=k, stop_ids=[])
+            assert r.tokens == ref, (kind, prompt, k)
+            assert r.stop_reason == "length"
+            s = r.stats
+            if k == 0:
+                assert s["drafted_tokens"] == 0 and s["target_forwards"] == 24
+            if kind == "right" and s["drafted_tokens"]:
+                assert s["acceptance_rate"] == 1.0
+            if kind == "wrong":
+                assert s["accepted_tokens"] == 0 and s["target_forwards"] == 24
+            assert s["target_forwards"] * s["tokens_per_target_forward"] == pytest.approx(24)
+
+
+def test_full_accept_rounds_and_counters(target):
+    r = speculative_generate(target, target, [5, 6, 7], 20, draft_tokens=4, stop_ids=[])
+    # 4 rounds of 4 drafts + 1 bonus token; the 20th token comes from a round drafting 3 (budget).
+    assert r.stats["target_forwards"] == 4
+    assert r.stats["drafted_tokens"] == 4 + 4 + 4 + 3 and r.stats["accepted_tokens"] == 15
+    assert r.stats["mean_accepted"] == 15 / 4
+    assert r.stats["draft_forwards"] == 15  # one per drafted token: the cache catch-up rides along
+
+
+def test_stop_token_and_context_limit(target, drafts):
+    prompt = [11, 12, 13]
+    ref = generate(target, prompt, 30, stop_ids=[]).tokens
+    stop = ref[9]
+    want = generate(target, prompt, 30, stop_ids=[stop])
+    for k in (3, "auto"):
+        r = speculative_generate(target, drafts["right"], prompt, 30, draft_tokens=k, stop_ids=[stop])
+        assert r.tokens == want.tokens and r.stop_reason == "eos"
+    long_prompt = list(range(3, 3 + 120))  # context 128: only 8 tokens fit
+    want = generate(target, long_prompt, 30, stop_ids=[])
+    r = speculative_generate(target, drafts["right"], long_prompt, 30, draft_tokens=5, stop_ids=[])
+    assert r.tokens == want.tokens and len(r.tokens) == 8 and r.stop_reason == "context"
+    r = speculative_generate(target, drafts["right"], [4], 5, draft_tokens=3, should_stop=lambda t: len(t) >= 2)
+    assert r.stop_reason == "stop" and len(r.tokens) == 2
+
+
+def test_draft_vocabulary_prefix_of_targets(target):
+    small = _tiny(3, vocab_size=200)  # AMD's case: the draft lacks the target's last ids
+    same_as_target = Transformer(get_config("tiny", vocab_size=200)).eval()
+    with torch.no_grad():  # the target's network truncated to 200 ids: agrees whenever the target's argmax < 200
+        for name, p in same_as_target.named_parameters():
+            src = dict(target.named_parameters())[name]
+            p.copy_(src[:200] if name in ("tok_embeddings.weight", "output.weight") else src)
+    for prompt in _prompts(4, seed=1):
+        ref = generate(target, prompt, 16, stop_ids=[]).tokens
+        for draft in (small, same_as_target):
+            for k in (2, "auto"):
+                assert speculative_generate(target, draft, prompt, 16, draft_tokens=k, stop_ids=[]).tokens == ref
+    g = torch.Generator().manual_seed(0)
+    r = speculative_generate(target, small, [3, 4], 16, SamplingParams(temperature=1.0), draft_tokens=3, generator=g)
+    assert all(0 <= t < 256 for t in r.tokens)
+
+
+def test_model_draft_feeds_missing_tokens(target):
+    """After a full accept the draft's cache lacks the last draft token and the bonus token: both are fed."""
+    calls = []
+    lm = SlmLM(target)
+    forward = lm.forward
+    lm.forward = lambda tokens, start, last_only=False: calls.append((len(tokens), start)) or forward(tokens, start, last_only)
+    speculative_generate(target, ModelDraft(lm, 256), [5, 6, 7], 11, draft_tokens=4, stop_ids=[])
+    # round 1: the whole prompt at 0, then 3 single tokens; round 2: d4 + bonus at 7 (= 3 + 4), ...
+    assert calls[:4] == [(3, 0), (1, 3), (1, 4), (1, 5)]
+    assert calls[4] == (2, 7)
+
+
+def test_ngram_draft_proposes_continuation():
+    d = NgramDraft(max_ngram=3)
+    ctx = [1, 2, 3, 4, 5, 9, 1, 2, 3]
+    assert d.propose(ctx, 3, SamplingParams()).tokens == [4, 5, 9]
+    d = NgramDraft()
+    assert d.propose([1, 2, 3], 3, SamplingParams()).tokens == []  # no earlier occurrence
+    d = NgramDraft()
+    assert d.propose([7, 1, 2, 8, 1, 2, 9, 1, 2], 2, SamplingParams()).tokens == [9, 1]  # latest match wins
+
+
+def test_adaptive_k_backs_off_and_probes():
+    s = AdaptiveK(k_start=4)
+    # A useless draft as costly as half a target step: K must reach 0.
+    for _ in range(20):
+        k = s.next_k()
+        s.update(k, 0, 0.5 * k, k + 1, 1.0 + 0.05 * k)
+    assert s.k == 0
+    ks = [s.next_k() for _ in range(8)]
+    assert ks == [0] * 7 + [1]  # one probe after probe_min idle rounds
+    # A perfect, cheap draft: K grows large.
+    s = AdaptiveK(k_start=2)
+    for _ in range(30):
+        k = s.next_k()
+        s.update(k, k, 0.05 * k, k + 1, 1.0 + 0.02 * k)
+    assert s.k >= 10
+
+
+def test_parse_draft_tokens():
+    assert parse_draft_tokens("auto") == "auto" and parse_draft_tokens("5") == 5 and parse_draft_tokens("0") == 0
+    for bad in ("-1", "x", "2.5"):
+        with pytest.raises(SlmError, match="draft-tokens"):
+            parse_draft_tokens(bad)
+
+
+def test_load_draft_checks_vocabulary(tmp_path, tokenizer_dir, tiny_model_dir):
+    from slm.weights import load_model
+
+    target = load_model(tiny_model_dir)
+    draft_dir = make_model_dir(tmp_path / "draft", tokenizer_dir, seed=5, n_layers=1)
+    d = load_draft(str(draft_dir), target=target, target_dir=tiny_model_dir)
+    assert isinstance(d, ModelDraft)
+    assert isinstance(load_draft("ngram", target=target, target_dir=tiny_model_dir), NgramDraft)
+    # A tokenizer trained with another vocabulary size assigns other strings to the same ids.
+    other_tok = make_tokenizer_dir(tmp_path / "other_tok", vocab_size=300)
+    other = make_model_dir(tmp_path / "other", other_tok, seed=5)
+    with pytest.raises(SlmError, match="tokenizer differs from the target's"):
+        load_draft(str(other), target=target, target_dir=tiny_model_dir)
+    with pytest.raises(SlmError, match="no such file"):
+        load_draft(str(tmp_path / "missing"), target=target, target_dir=tiny_model_dir)
+
+
+def test_cli_generate_with_draft(tmp_path, tokenizer_dir, tiny_model_dir):
+    draft_dir = make_model_dir(tmp_path / "draft", tokenizer_dir, seed=5, n_layers=1)
+
+    def run(*extra):
+        cmd = [sys.executable, "-m", "slm", "generate", str(tiny_model_dir), "--prompt", "def add(a, b):",
+               "--max-new-tokens", "12", "--json", *extra]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    plain = run()
+    for extra in (["--draft", str(draft_dir), "--draft-tokens", "3"], ["--draft", "ngram"]):
+        spec = run(*extra)
+        assert spec["tokens"] == plain["tokens"]
+        assert {"acceptance_rate", "mean_accepted", "target_forwards", "draft_forwards"} <= spec.keys()
+    bad = subprocess.run(
+        [sys.executable, "-m", "slm", "generate", str(tiny_model_dir), "--prompt", "x", "--draft", "ngram",
+         "--draft-tokens", "-2"], capture_output=True, text=True,
+    )
+    assert bad.returncode == 2 and "draft-tokens" in bad.stderr
+
+
+# --- transformers models as target and draft --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory, target, drafts):
+    transformers = pytest.importorskip("transformers")
+    from slm.weights import save_model
+
+    root = tmp_path_factory.mktemp("hf")
+    load = lambda m, name: transformers.AutoModelForCausalLM.from_pretrained(  # noqa: E731
+        str(save_model(m, root / name)), dtype=torch.float32).eval()
+    return load(target, "target"), load(drafts["other"], "draft")
+
+
+def test_transformers_target_and_draft(hf_pair, target, drafts):
+    hf_target, hf_draft = hf_pair
+    for prompt in _prompts(3, seed=2):
+        ids = torch.tensor([prompt])
+        ref = hf_target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        for draft in (drafts["other"], hf_draft, hf_target, NgramDraft()):
+            for k in (1, 4, "auto"):
+                r = speculative_generate(hf_target, draft, prompt, 12, draft_tokens=k, stop_ids=[])
+                assert r.tokens == ref, (type(draft).__name__, k)
+        # a transformers draft in front of our target
+        assert speculative_generate(target, hf_draft, prompt, 12, draft_tokens=3, stop_ids=[]).tokens == \
+            generate(target, prompt, 12, stop_ids=[]).tokens
