@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,15 +20,20 @@ SEQ = 16
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
+def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("loader")
     tok = train_tiny_tokenizer(root / "tok")
     write_text_files(root / "a", make_docs(80, seed=1))
     write_text_files(root / "b", make_docs(40, seed=2))
-    out = root / "data"
+    return root, tok
+
+
+def prepared(corpus, name: str, b_weight: str = "") -> Path:
+    root, tok = corpus
+    out = root / name
     prepare(
         PrepareConfig(
-            [parse_source(f"text:{root / 'a'}"), parse_source(f"text:{root / 'b'}:2")],
+            [parse_source(f"text:{root / 'a'}"), parse_source(f"text:{root / 'b'}{b_weight}")],
             str(tok),
             out,
             seq_len=SEQ,
@@ -36,6 +42,11 @@ def data_dir(tmp_path_factory):
         )
     )
     return out
+
+
+@pytest.fixture(scope="module")
+def data_dir(corpus):
+    return prepared(corpus, "data")
 
 
 def take(dl, n):
@@ -191,3 +202,15 @@ def test_truncated_or_foreign_shard_is_detected(data_dir, tmp_path):
     shard.write_bytes(b"\0" * len(data))
     with pytest.raises(SlmError, match="not a token shard"):
         PackedDataset(copy)
+
+
+def test_prepare_time_weights_scale_the_natural_shares(corpus):
+    # text_2 prepared with weight 2: without an override, p(text_2) ∝ 2 * its windows.
+    data_dir = prepared(corpus, "weighted", ":2")
+    ds = PackedDataset(data_dir, "train")
+    n1, n2 = ds.source_windows["text"], ds.source_windows["text_2"]
+    assert ds.default_weights == {"text": 1.0, "text_2": 2.0}
+    second = {tuple(ds[i].tolist()) for i in range(ds.source_offsets["text_2"], len(ds))}
+    windows = rows(take(DataLoader(data_dir, batch_size=50, seed=0), 80))
+    frac = sum(w in second for w in windows) / len(windows)
+    assert abs(frac - 2 * n2 / (n1 + 2 * n2)) < 0.03

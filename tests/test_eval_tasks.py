@@ -140,3 +140,12 @@ def test_cli_eval_user_errors_exit_2(tmp_path, capsys, monkeypatch):
     assert "validation.jsonl or validation.parquet" in capsys.readouterr().err
     assert main(["eval", str(tmp_path), "--tasks", "nope", "--data-dir", str(tmp_path)]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
+
+
+def test_rows_in_a_foreign_format_are_named(tmp_path):
+    from slm.eval.run import build_items
+
+    (tmp_path / "sciq").mkdir()
+    (tmp_path / "sciq" / "test.jsonl").write_text(json.dumps({"question": "q?"}) + "\n")
+    with pytest.raises(SlmError, match=r"sciq: document 1 of .*test.jsonl is not in the allenai/sciq format"):
+        build_items("sciq", tmp_path, None)

@@ -5,6 +5,7 @@ against transformers loading the same file; broken files give one-line errors.""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -256,3 +257,21 @@ def test_unsupported_tensor_type_is_refused(tmp_path):
     w.close()
     with pytest.raises(SlmError, match=r"tensor token_embd.weight has type I8"):
         read_gguf(tmp_path / "i8.gguf")
+
+
+_LLAMA_VOCAB = os.environ.get("SLM_LLAMA_SPM_VOCAB", "")
+
+
+@pytest.mark.skipif(not os.path.isfile(_LLAMA_VOCAB),
+                    reason="set SLM_LLAMA_SPM_VOCAB to llama.cpp's models/ggml-vocab-llama-spm.gguf (in the "
+                    "llama-cpp-python==0.3.36 sdist, under vendor/llama.cpp/)")
+def test_llama_sentencepiece_vocab_matches_llama_cpp():
+    """The LLaMA-2 32k vocabulary: our tokenizer.json reproduces llama.cpp's reference tokenisations."""
+    from slm.gguf_import import read_tokenizer
+
+    tok = read_tokenizer(_LLAMA_VOCAB)
+    texts = open(_LLAMA_VOCAB + ".inp", encoding="utf-8").read().split("\n__ggml_vocab_test__\n")
+    expected = open(_LLAMA_VOCAB + ".out", encoding="utf-8").read().split("\n")
+    assert len(texts) > 40
+    for text, ids in zip(texts, expected):
+        assert tok.encode(text, add_special_tokens=False).ids == [int(i) for i in ids.split()], text

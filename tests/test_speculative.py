@@ -24,6 +24,15 @@ from slm.speculative import (
 KS = [0, 1, 2, 3, 5, 8, "auto"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and far more predictably on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _tiny(seed: int, **overrides) -> Transformer:
     return randomize(Transformer(get_config("tiny", **overrides)), seed).eval()
 

@@ -20,6 +20,15 @@ RUNS = 3000
 _exact = engine.rejection_sample  # the real one, kept before any monkeypatching
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and far more predictably on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _model(seed: int) -> Transformer:
     model = randomize(Transformer(get_config("tiny", vocab_size=V, n_layers=1, max_seq_len=16)), seed).eval()
     with torch.no_grad():

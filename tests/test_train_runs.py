@@ -229,6 +229,7 @@ def _val_losses(run: Path) -> list[float]:
     return [r["val_loss"] for r in read_metrics(run) if r["kind"] == "val"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_match_one_with_the_same_global_batch(mode, data_dir, single_process_run, tmp_path):
     out = tmp_path / "run"
@@ -245,6 +246,7 @@ def test_two_processes_match_one_with_the_same_global_batch(mode, data_dir, sing
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_nodes_resume_a_one_process_run_and_checkpoint(data_dir, single_process_run, tmp_path):
     """Two torchrun "nodes" (c10d rendezvous on localhost) continue a 1-process run from its step-3
     checkpoint: full-tensor checkpoints and the loader's global position make the world size free."""

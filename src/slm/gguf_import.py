@@ -105,7 +105,7 @@ class _Metadata:
         return value
 
 
-def read_config(meta: _Metadata, vocab_size: int, tied: bool) -> ModelConfig:
+def config_from_metadata(meta: _Metadata, vocab_size: int, tied: bool) -> ModelConfig:
     """ModelConfig from `llama.*` metadata; refuse what our decoder cannot run."""
     arch = meta.require("general.architecture")
     if arch != "llama":
@@ -185,7 +185,7 @@ def read_gguf(path: str | os.PathLike, progress: bool = False) -> tuple[ModelCon
     if "token_embd.weight" not in tensors:
         raise SlmError(f"{path}: tensor token_embd.weight is missing")
     vocab_size = int(tensors["token_embd.weight"].shape[1])
-    config = read_config(meta, vocab_size, tied="output.weight" not in tensors)
+    config = config_from_metadata(meta, vocab_size, tied="output.weight" not in tensors)
 
     hf: dict[str, torch.Tensor] = {}
     for t in tqdm(reader.tensors, desc=f"dequantising {path.name}", unit="tensor", disable=not progress):
@@ -206,6 +206,26 @@ def read_gguf(path: str | os.PathLike, progress: bool = False) -> tuple[ModelCon
 # --- the tokenizer ---------------------------------------------------------------------------
 
 
+def read_tokenizer(path: str | os.PathLike):
+    """The tokenizer embedded in a GGUF file (a vocabulary-only file too) as a `tokenizers.Tokenizer`."""
+    path = Path(path)
+    meta = _Metadata(_open(path), path)
+    if meta.get("tokenizer.ggml.model") is None:
+        raise SlmError(f"{path}: no embedded tokenizer (tokenizer.ggml.model is missing)")
+    return _build_tokenizer(meta)
+
+
+def _build_tokenizer(meta: _Metadata):
+    kind = meta.get("tokenizer.ggml.model")
+    tokens = meta.require("tokenizer.ggml.tokens")
+    types = meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
+    if kind == "gpt2":
+        return _byte_level_bpe(meta, tokens, types)
+    if kind == "llama":
+        return _sentencepiece_bpe(meta, tokens, types)
+    raise SlmError(f"{meta.path}: tokenizer type {kind!r} is not supported (only 'gpt2' and 'llama')")
+
+
 def tokenizer_files(meta: _Metadata, config: ModelConfig) -> dict[str, str]:
     """tokenizer.json, tokenizer_config.json and generation_config.json text for the embedded tokenizer
     ({} when the file has none)."""
@@ -213,16 +233,10 @@ def tokenizer_files(meta: _Metadata, config: ModelConfig) -> dict[str, str]:
     if kind is None:
         return {}
     tokens = meta.require("tokenizer.ggml.tokens")
-    types = meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
     if len(tokens) != config.vocab_size:
         raise SlmError(f"{meta.path}: the tokenizer has {len(tokens)} tokens but token_embd.weight has "
                        f"{config.vocab_size} rows")
-    if kind == "gpt2":
-        tok = _byte_level_bpe(meta, tokens, types)
-    elif kind == "llama":
-        tok = _sentencepiece_bpe(meta, tokens, types)
-    else:
-        raise SlmError(f"{meta.path}: tokenizer type {kind!r} is not supported (only 'gpt2' and 'llama')")
+    tok = _build_tokenizer(meta)
 
     def token(key: str) -> str | None:
         i = meta.get(f"tokenizer.ggml.{key}")

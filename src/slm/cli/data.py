@@ -42,7 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "  parquet     .parquet, column 'text' or 'content' (read by row group)\n"
         "  code        source files with --code-ext extensions, one document per file\n"
         "  text        plain text files with --text-ext extensions, one document per file\n"
-        "WEIGHT (default 1) is the source's default mixture weight for the loader.",
+        "WEIGHT (default 1) scales the source's share in training (2 = drawn twice as often as its size\n"
+        "gives); the training loader's own weights override it.",
     )
     p.add_argument("--source", action="append", required=True, metavar="KIND:PATH[:WEIGHT]", help="a source; repeat")
     p.add_argument("--tokenizer", required=True, metavar="DIR_OR_FILE", help="model/tokenizer dir, tokenizer.json or .model")

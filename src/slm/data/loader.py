@@ -205,9 +205,16 @@ class _GlobalOrder:
 
 
 def _mixture(ds: PackedDataset, weights: dict[str, float] | None):
-    """(sizes, offsets, probs, names) of the order's groups for a dataset and weights."""
+    """(sizes, offsets, probs, names) of the order's groups for a dataset and weights.
+
+    Without `weights`, the prepare-time source weights (`KIND:PATH:WEIGHT`) scale each
+    source's natural share: probability ∝ weight * windows. All 1 (the default) is the
+    natural mixture, served as one group so that an epoch is exactly one pass.
+    """
     if weights is None:
-        return [len(ds)], [0], [1.0], ["*"]
+        if all(w == 1 for w in ds.default_weights.values()):
+            return [len(ds)], [0], [1.0], ["*"]
+        weights = {s: w * ds.source_windows[s] for s, w in ds.default_weights.items() if ds.source_windows[s]}
     unknown = sorted(set(weights) - set(ds.sources))
     if unknown:
         raise SlmError(f"mixture weights name unknown sources {unknown}; {ds.data_dir} has {ds.sources}")
@@ -229,7 +236,9 @@ def _mixture(ds: PackedDataset, weights: dict[str, float] | None):
 class DataLoader:
     """An infinite iterator of (inputs, targets) LongTensor batches of shape (batch_size, seq_len).
 
-    `weights` ({source: weight}) overrides the natural mixture; sources left out get 0.
+    `weights` ({source: weight}) sets the mixture: source s fills a slot with probability
+    weights[s] / sum(weights); sources left out get 0. Without it, each source's share is
+    its size times its prepare-time weight (see `_mixture`).
     """
 
     def __init__(

@@ -164,10 +164,10 @@ def score_groups(model, groups: list[PackedGroup]) -> list[list[tuple[float, boo
     T = tokens.shape[1]
     rows, targets, owners = [], [], []
     for b, g in enumerate(groups):
-        for r, (idx, cont) in enumerate(g.scored):
+        for idx, cont in g.scored:
             rows += [b * T + i for i in idx]
             targets += cont
-            owners.append((b, r, len(cont)))
+            owners.append((b, len(cont)))
     h = hidden.reshape(-1, hidden.shape[-1])[torch.tensor(rows)]  # (N, D): the scored positions only
     targets_t = torch.tensor(targets)
     logprobs, greedy = [], []
@@ -179,7 +179,7 @@ def score_groups(model, groups: list[PackedGroup]) -> list[list[tuple[float, boo
     logprobs, greedy = torch.cat(logprobs), torch.cat(greedy)  # (N,)
     out: list[list[tuple[float, bool]]] = [[] for _ in groups]
     start = 0
-    for b, _r, n in owners:
+    for b, n in owners:
         out[b].append((float(logprobs[start : start + n].sum()), bool(greedy[start : start + n].all())))
         start += n
     return out

@@ -29,7 +29,16 @@ def build_items(task_name: str, data_dir, limit: int | None) -> tuple[list[Item]
         docs = docs[:limit]  # lm_eval's --limit: the first N documents
     if not docs:
         raise SlmError(f"{task.name}: no documents in {source}")
-    return [task.to_item(d) for d in docs], source
+    items = []
+    for i, doc in enumerate(docs):
+        try:
+            items.append(task.to_item(doc))
+        except (KeyError, TypeError, AttributeError, ValueError) as e:  # a row not in the official format
+            raise SlmError(
+                f"{task.name}: document {i + 1} of {source} is not in the {task.dataset.hf_path} format "
+                f"({type(e).__name__}: {e}; fields: {', '.join(doc)})"
+            ) from None
+    return items, source
 
 
 def evaluate(

@@ -50,32 +50,25 @@ def _multiple_choice(context: str, choices: list[str], gold: int) -> Item:
     return Item(requests, gold, tuple(choices))
 
 
-def _field(doc: dict, key: str, task: str):
-    try:
-        return doc[key]
-    except KeyError:
-        raise SlmError(f"{task}: a document has no field {key!r} (fields: {', '.join(doc)})") from None
-
-
 # --- the tasks ---------------------------------------------------------------------------
 
 
 def sciq_item(doc: dict) -> Item:
-    support = _field(doc, "support", "sciq")
-    context = f"{support.lstrip()}\nQuestion: {_field(doc, 'question', 'sciq')}\nAnswer:"
-    choices = [doc["distractor1"], doc["distractor2"], doc["distractor3"], _field(doc, "correct_answer", "sciq")]
+    support = doc["support"]
+    context = f"{support.lstrip()}\nQuestion: {doc['question']}\nAnswer:"
+    choices = [doc["distractor1"], doc["distractor2"], doc["distractor3"], doc["correct_answer"]]
     return _multiple_choice(context, choices, 3)
 
 
 def piqa_item(doc: dict) -> Item:
-    context = f"Question: {_field(doc, 'goal', 'piqa')}\nAnswer:"
-    return _multiple_choice(context, [doc["sol1"], doc["sol2"]], int(_field(doc, "label", "piqa")))
+    context = f"Question: {doc['goal']}\nAnswer:"
+    return _multiple_choice(context, [doc["sol1"], doc["sol2"]], int(doc["label"]))
 
 
 def arc_item(doc: dict) -> Item:
-    choices = _field(doc, "choices", "arc")
+    choices = doc["choices"]
     labels = list(choices["label"])
-    key = _field(doc, "answerKey", "arc")
+    key = doc["answerKey"]
     if key not in labels:
         raise SlmError(f"arc: answerKey {key!r} is not one of the choice labels {labels} (id {doc.get('id')})")
     return _multiple_choice(f"Question: {doc['question']}\nAnswer:", list(choices["text"]), labels.index(key))
@@ -90,10 +83,10 @@ def hellaswag_preprocess(text: str) -> str:
 
 
 def hellaswag_item(doc: dict) -> Item:
-    ctx = _field(doc, "ctx_a", "hellaswag") + " " + doc["ctx_b"].capitalize()
+    ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
     context = hellaswag_preprocess(doc["activity_label"] + ": " + ctx)
     choices = [hellaswag_preprocess(e) for e in doc["endings"]]
-    label = str(_field(doc, "label", "hellaswag"))
+    label = str(doc["label"])
     if not label.isdigit():  # the test split has no labels
         raise SlmError(f"hellaswag: label {label!r} is not a number (use the validation split)")
     return _multiple_choice(context, choices, int(label))
@@ -102,20 +95,20 @@ def hellaswag_item(doc: dict) -> Item:
 def winogrande_item(doc: dict) -> Item:
     # Partial scoring: each option completes the sentence up to the blank (the context); the
     # likelihood of the rest of the sentence (the continuation, same for both) decides.
-    sentence = _field(doc, "sentence", "winogrande")
+    sentence = doc["sentence"]
     idx = sentence.find("_")
     if idx < 0:
         raise SlmError(f"winogrande: sentence has no blank '_': {sentence!r}")
     contexts = [sentence[:idx] + opt for opt in (doc["option1"], doc["option2"])]
     continuation = TARGET_DELIMITER + sentence[idx + 1 :].strip()
-    answer = str(_field(doc, "answer", "winogrande"))
+    answer = str(doc["answer"])
     if answer not in ("1", "2"):
         raise SlmError(f"winogrande: answer {answer!r} is not '1' or '2' (the test split has no answers)")
     return Item(tuple(Request(c, continuation) for c in contexts), int(answer) - 1, tuple(contexts))
 
 
 def lambada_item(doc: dict) -> Item:
-    words = _field(doc, "text", "lambada_openai").split(" ")
+    words = doc["text"].split(" ")
     return Item((Request(" ".join(words[:-1]), " " + words[-1]),), 0, ())
 
 

@@ -112,7 +112,14 @@ def data_checks(cfg: TrainConfig, mc: ModelConfig) -> dict:
         )
     if manifest["seq_len"] > mc.max_seq_len:
         raise SlmError(f"{cfg.data}: seq_len {manifest['seq_len']} exceeds model max_seq_len {mc.max_seq_len}")
-    vocab = manifest.get("tokenizer", {}).get("vocab_size")
+    tok = manifest.get("tokenizer", {})
+    if cfg.init_from and tok.get("path"):  # continuing a model on data it cannot read would be silent garbage
+        from slm.data.prepare import file_sha256
+
+        mine = Path(cfg.init_from) / Path(tok["path"]).name
+        if mine.is_file() and file_sha256(mine) != tok.get("sha256"):
+            raise SlmError(f"{cfg.data} was tokenized with another tokenizer than {mine}")
+    vocab = tok.get("vocab_size")
     if vocab is not None and vocab > mc.vocab_size:
         raise SlmError(f"{cfg.data}: tokenizer vocab_size {vocab} exceeds the model's vocab_size {mc.vocab_size}")
     return manifest
@@ -128,6 +135,15 @@ def copy_run_tokenizer(manifest: dict, run_dir: Path) -> None:
     dst = run_dir / TOKENIZER_DIR
     dst.mkdir(exist_ok=True)
     copy_tokenizer_files(Path(src).parent, dst)
+
+
+def prepare_run_dir(run_dir: Path, cfg: TrainConfig, manifest: dict, resumed_at: int | None) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / CONFIG_FILE)
+    copy_run_tokenizer(manifest, run_dir)
+    if resumed_at is not None:  # drop metrics lines past the checkpoint: they are about to be recomputed
+        kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= resumed_at]
+        ckpt.write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def seed_everything(seed: int) -> None:
@@ -220,6 +236,28 @@ def evaluate(engine, cfg: TrainConfig, info: DistInfo, amp) -> tuple[float, floa
 # --- the loop ----------------------------------------------------------------------------------
 
 
+def train_step(engine, model, optimizer, loader, lr: float, accum: int, cfg: TrainConfig, info: DistInfo, amp):
+    """One optimizer step over `accum` micro-batches; returns (this rank's mean loss, global grad norm)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)
+    for micro in range(accum):
+        x, y = next(loader)
+        x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
+        # Gradients are reduced over ranks once per step, on the last micro-batch.
+        with no_grad_sync(engine, cfg.parallel if info.distributed else "", sync=micro == accum - 1):
+            with amp():
+                loss = engine(x, y) / accum
+            loss.backward()
+        loss_sum += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+        grad_norm = grad_norm.full_tensor()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss_sum), float(grad_norm)
+
+
 def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = False, log=print) -> TrainResult:
     """Train (or continue) the run in cfg.out. Under torchrun, every process calls this."""
     info = init_distributed(cfg.device)
@@ -268,12 +306,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, show_progress: bool, 
         del c
         log(f"resuming {run_dir} from {latest.name} (step {start_step})")
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / CONFIG_FILE)
-        copy_run_tokenizer(manifest, run_dir)
-        if latest is not None:  # drop metrics lines past the checkpoint (they will be recomputed)
-            kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= start_step]
-            ckpt.write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+        prepare_run_dir(run_dir, cfg, manifest, resumed_at=start_step if latest is not None else None)
     barrier(info)
 
     amp_dtype = autocast_dtype(cfg, info.device)
@@ -311,25 +344,10 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, show_progress: bool, 
     while step < cfg.max_steps:
         t0 = time.perf_counter()
         lr = lr_at(cfg, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)
-        for micro in range(accum):
-            x, y = next(loader)
-            x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
-            with no_grad_sync(engine, cfg.parallel if info.distributed else "", sync=micro == accum - 1):
-                with amp():
-                    loss = engine(x, y) / accum
-                loss.backward()
-            loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
-            grad_norm = grad_norm.full_tensor()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss_sum, grad_norm = train_step(engine, model, optimizer, loader, lr, accum, cfg, info, amp)
         step += 1
         steps_since_log += 1
-        last_loss = all_reduce_sum([float(loss_sum)], info)[0] / info.world_size
+        last_loss = all_reduce_sum([loss_sum], info)[0] / info.world_size
         step_seconds = time.perf_counter() - t0
         if bar is not None:
             bar.update(1)
@@ -338,7 +356,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, show_progress: bool, 
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             dt = time.perf_counter() - t_last
             tok_s = tokens_per_step * steps_since_log / dt
-            metrics.log({"kind": "train", "step": step, "loss": last_loss, "lr": lr, "grad_norm": float(grad_norm),
+            metrics.log({"kind": "train", "step": step, "loss": last_loss, "lr": lr, "grad_norm": grad_norm,
                          "tokens_per_s": tok_s, "mfu": flops_step * steps_since_log / dt / peak if peak else None,
                          "tokens": step * tokens_per_step, "elapsed_s": time.perf_counter() - t_start})
             t_last, steps_since_log = time.perf_counter(), 0

@@ -122,3 +122,36 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(run_dir: str | Path, png: str | Path, title: str | None = None, baseline: float | None = None) -> Path:
+    """Training and validation loss against tokens seen, as a PNG (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from slm.errors import SlmError
+
+        raise SlmError("plotting needs matplotlib (pip install 'slm[plot]')") from None
+    records = read_metrics(run_dir)
+    starts = [r for r in records if r["kind"] == "start"]
+    tokens_per_step = starts[-1]["tokens_per_step"] if starts else 1
+    train = [r for r in records if r["kind"] == "train"]
+    val = [r for r in records if r["kind"] == "val"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot([r["step"] * tokens_per_step / 1e6 for r in train], [r["loss"] for r in train], label="train loss", lw=1)
+    ax.plot([r["step"] * tokens_per_step / 1e6 for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
+    if baseline is not None:
+        ax.axhline(baseline, color="gray", ls="--", lw=1, label=f"unigram cross-entropy ({baseline:.2f})")
+    ax.set_xlabel("tokens seen (millions)")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title or str(run_dir))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    png = Path(png)
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return png
