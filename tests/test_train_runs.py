@@ -49,7 +49,8 @@ def train_args(data_dir: Path, out: Path, **over) -> list[str]:
             "checkpoint-every": 10, "keep-last": 2, "eval-every": 20, "eval-batches": 4, "log-every": 1, **over}
     args = []
     for k, v in opts.items():
-        args += [f"--{k}", str(v)]
+        if v is not None:  # None: leave the option out
+            args += [f"--{k}", str(v)]
     return args + ["--json"]
 
 
@@ -186,6 +187,26 @@ def test_export_loads_in_transformers_with_the_same_logits(reference_run, tmp_pa
         torch.testing.assert_close(ours(tokens), hf(tokens).logits, rtol=1e-5, atol=1e-5)
     tok = transformers.AutoTokenizer.from_pretrained(out)
     assert tok("def add").input_ids
+
+
+def test_code_recipe_continues_an_exported_model(data_dir, reference_run, tmp_path, capsys):
+    model_dir, out = tmp_path / "model", tmp_path / "code"
+    assert slm_in_process("export", str(reference_run), "--out", str(model_dir)) == 0
+    args = train_args(data_dir, out, config=None, **{"vocab-size": None, "max-steps": 3, "recipe": "amd-code",
+                                                     "init-from": model_dir, "lr": None, "min-lr": None})
+    assert slm_in_process("train", *args) == 0
+    saved = json.loads((out / "train_config.json").read_text())
+    assert (saved["recipe"], saved["lr"], saved["min_lr"]) == ("amd-code", 3e-4, 3e-5)
+    # it starts where the exported model is, not from a random init (ln 320 = 5.77)
+    assert losses(out)[1] < losses(reference_run)[1] - 1.0
+
+
+def test_loss_curve_png(reference_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    from slm.train.metrics import plot_losses
+
+    png = plot_losses(reference_run, tmp_path / "loss.png", baseline=5.0)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # --- data parallel ------------------------------------------------------------------------------

@@ -34,6 +34,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused op: a decode step's time is mostly per-op overhead
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # Normalise in fp32 (as Hugging Face's LlamaRMSNorm does), then scale in the input dtype.
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
         return self.weight * y
@@ -49,13 +51,12 @@ def rope_inv_freq(config: ModelConfig, device=None) -> torch.Tensor:
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
     freqs = positions.float()[..., None] * inv_freq  # (T, hd/2), or (B, T, hd/2) for per-row positions
     emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd): the "rotate_half" (non-interleaved) layout of HF LLaMA
-    if emb.dim() == 3:  # (B, T, hd) -> (B, 1, T, hd): broadcast over heads
-        emb = emb.unsqueeze(1)
+    emb = emb.unsqueeze(-2)  # (T, 1, hd) or (B, T, 1, hd): broadcast over the heads of (B, T, H, hd)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, H, T, hd); cos/sin: (T, hd) broadcast over batch and heads.
+    # x: (B, T, H, hd); cos/sin: (T, 1, hd) or (B, T, 1, hd).
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return x * cos + rotated * sin
@@ -83,18 +84,19 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        self.split_sizes = (q_size, kv_size, kv_size)
         self.wqkv = nn.Linear(config.dim, q_size + 2 * kv_size, bias=False)
         self.wo = nn.Linear(q_size, config.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos, sin, input_pos=None, kv_len=0, mask=None):
         B, T, _ = x.shape
-        q, k, v = self.wqkv(x).split(self.split_sizes, dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, Hkv = self.n_heads, self.n_kv_heads
+        qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, self.head_dim)  # (B, T, H + 2 Hkv, hd)
+        # q and k rotate in one call: half the RoPE ops (a decode step's time is mostly per-op overhead).
+        qk = apply_rope(qkv[:, :, : H + Hkv], cos, sin)  # (B, T, H + Hkv, hd)
+        q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, hd)
+        k = qk[:, :, H:].transpose(1, 2)  # (B, Hkv, T, hd)
+        v = qkv[:, :, H + Hkv :].transpose(1, 2)  # (B, Hkv, T, hd)
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v, kv_len)  # (B, Hkv, kv_len, hd)
         y = F.scaled_dot_product_attention(

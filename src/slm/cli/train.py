@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from slm.train.recipes import TrainConfig
+from slm.train.recipes import RECIPES, TrainConfig
 
 # Flags whose name is not just the field name.
 _FLAG_NAMES = {"model": "--config"}
@@ -35,21 +35,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         "overrides the recipe; the resolved config is saved to OUT/train_config.json. Under "
         "`torchrun --nproc-per-node N [--nnodes M ...] -m slm train ...` it trains data-parallel (--parallel "
         "ddp|fsdp). Checkpoints go to OUT/checkpoints/, metrics to OUT/metrics.jsonl.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     defaults = TrainConfig()
+    choices = {"recipe": sorted(RECIPES), "parallel": ["ddp", "fsdp"], "dtype": ["auto", "fp32", "bf16"]}
     for f in dataclasses.fields(TrainConfig):
         flag = _FLAG_NAMES.get(f.name, "--" + f.name.replace("_", "-"))
         typ = _field_type(f)
         help_text = f.metadata["help"]
         default = getattr(defaults, f.name)
-        if default not in (None, "", False):
+        if default not in (None, "", False) and f.name != "recipe":
             help_text += f" [amd-pretrain: {default}]"
         if typ is bool:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif f.name in choices:
+            p.add_argument(flag, dest=f.name, choices=choices[f.name], default=None, help=help_text)
         else:
-            p.add_argument(flag, dest=f.name, type=typ, default=None, help=help_text,
-                           metavar=f.name.upper() if typ is str else None)
+            metavar = {int: "N", float: "X"}.get(typ, "NAME" if f.name in ("model", "device") else "DIR")
+            p.add_argument(flag, dest=f.name, type=typ, default=None, help=help_text, metavar=metavar)
     p.add_argument("--resume", action="store_true",
                    help="continue OUT from its newest complete checkpoint (starts fresh if it has none)")
     p.add_argument("--json", action="store_true", help="no progress bar; print a JSON summary at the end")

@@ -72,6 +72,12 @@ class ModelDraft(Draft):
             n += 1
         return min(n, limit)
 
+    def _embeddable(self, tokens: list[int]) -> list[int]:
+        # Target-only ids (beyond a smaller draft vocabulary) cannot be embedded by the draft: it
+        # sees id 0 (<unk> in LLaMA vocabularies) there. Its guesses get worse, never the output.
+        v = self.lm.vocab_size
+        return [t if t < v else 0 for t in tokens]
+
     def _pick(self, logits: torch.Tensor, sampling: SamplingParams, generator) -> tuple[int, torch.Tensor | None]:
         logits = logits[: self.width]
         if sampling.greedy:
@@ -82,7 +88,7 @@ class ModelDraft(Draft):
     def propose(self, context: list[int], k: int, sampling: SamplingParams, generator=None) -> Proposal:
         n = len(context)
         valid = self._valid_prefix(context)
-        logits = self.lm.forward(context[valid:], valid, last_only=True)[-1]
+        logits = self.lm.forward(self._embeddable(context[valid:]), valid, last_only=True)[-1]
         tokens, probs = [], []
         for i in range(k):
             tok, q = self._pick(logits, sampling, generator)

