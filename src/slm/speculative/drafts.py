@@ -9,6 +9,7 @@ whose vocabulary is a prefix of the target's gives the missing ids probability 0
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,9 @@ class Proposal:
     tokens: list[int]
     probs: torch.Tensor | None  # (len(tokens), V_target) draft distributions; None: deterministic
     forwards: int = 0  # draft model forward passes spent
+    # Seconds per proposed token in steady state (a catch-up forward over many tokens excluded,
+    # so that one long catch-up does not make the draft look slow); None: not measured.
+    step_seconds: float | None = None
 
 
 class Draft:
@@ -88,7 +92,10 @@ class ModelDraft(Draft):
     def propose(self, context: list[int], k: int, sampling: SamplingParams, generator=None) -> Proposal:
         n = len(context)
         valid = self._valid_prefix(context)
+        steady = n - valid <= 2  # steady state feeds 1 token (2 after a full accept); more is a catch-up
+        t0 = time.perf_counter()
         logits = self.lm.forward(self._embeddable(context[valid:]), valid, last_only=True)[-1]
+        t1 = time.perf_counter()
         tokens, probs = [], []
         for i in range(k):
             tok, q = self._pick(logits, sampling, generator)
@@ -96,9 +103,12 @@ class ModelDraft(Draft):
             probs.append(q)
             if i + 1 < k:  # the last proposal's logits are never needed
                 logits = self.lm.forward([tok], n + i, last_only=True)[-1]
+        t2 = time.perf_counter()
+        spent, steps = (t2 - t0, k) if steady else (t2 - t1, k - 1)
+        step_s = spent / steps if steps > 0 else None
         self.fed = context + tokens[:-1]
         self.base = n
-        return Proposal(tokens, None if sampling.greedy else torch.stack(probs), forwards=k)
+        return Proposal(tokens, None if sampling.greedy else torch.stack(probs), forwards=k, step_seconds=step_s)
 
 
 class NgramDraft(Draft):
@@ -122,13 +132,15 @@ class NgramDraft(Draft):
         self.indexed = max(self.indexed, end)
 
     def propose(self, context: list[int], k: int, sampling: SamplingParams, generator=None) -> Proposal:
-        n = len(context)
+        t0, n = time.perf_counter(), len(context)
         self._index_upto(context, n - 1)  # everything but the suffix ending at n itself
+        tokens = []
         for size in range(min(self.max_ngram, n), 0, -1):
             end = self.index.get(tuple(context[n - size :]))
             if end is not None:
-                return Proposal(context[end : end + k], None)
-        return Proposal([], None)
+                tokens = context[end : end + k]
+                break
+        return Proposal(tokens, None, step_seconds=(time.perf_counter() - t0) / max(len(tokens), 1))
 
 
 # --- vocabularies ------------------------------------------------------------------------

@@ -161,7 +161,7 @@ def _generate(target, draft, prompt, max_new_tokens, sampling, draft_tokens, sto
             q = proposal.probs if proposal.probs is not None else _one_hot(drafts, target.vocab_size, logits.device)
             accepted, extra = rejection_sample(logits_to_probs(logits, sampling), q, drafts, generator)
         t3 = time.perf_counter()
-        schedule.update(len(drafts), accepted, t2 - t1, len(drafts) + 1, t3 - t2)
+        schedule.update(len(drafts), accepted, proposal.step_seconds, len(drafts) + 1, t3 - t2)
         draft_total, verify_total = draft_total + t2 - t1, verify_total + t3 - t2
         c["target_forwards"] += 1
         c["draft_forwards"] += proposal.forwards

@@ -37,6 +37,7 @@ class HFLM:
 
         self.cache = DynamicCache(config=self.model.config)
 
+    @torch.inference_mode()
     def forward(self, tokens: list[int], start_pos: int, last_only: bool = False) -> torch.Tensor:
         cached = self.cache.get_seq_length()
         if cached > start_pos:

@@ -46,6 +46,7 @@ class SlmLM:
     def prepare(self, length: int) -> None:
         ensure_cache(self.model, min(length, self.max_seq_len))
 
+    @torch.inference_mode()
     def forward(self, tokens: list[int], start_pos: int, last_only: bool = False) -> torch.Tensor:
         ids = torch.tensor(tokens, device=self.device).view(1, -1)  # (1, T)
         pos = torch.arange(start_pos, start_pos + len(tokens), device=self.device)  # (T,)

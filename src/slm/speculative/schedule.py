@@ -20,7 +20,7 @@ class FixedK:
     def next_k(self) -> int:
         return self.k
 
-    def update(self, drafted: int, accepted: int, draft_s: float, verify_tokens: int, verify_s: float) -> None:
+    def update(self, drafted: int, accepted: int, step_s: float | None, verify_tokens: int, verify_s: float) -> None:
         pass
 
 
@@ -74,12 +74,15 @@ class AdaptiveK:
                 return 1
         return self.k
 
-    def update(self, drafted: int, accepted: int, draft_s: float, verify_tokens: int, verify_s: float) -> None:
+    def update(self, drafted: int, accepted: int, step_s: float | None, verify_tokens: int, verify_s: float) -> None:
+        """One round: `drafted` proposals of which `accepted` were kept; step_s seconds per draft
+        token (None: not measured); one target forward over verify_tokens took verify_s."""
         d = self.decay
         ema = lambda old, new: new if old is None else d * old + (1 - d) * new  # noqa: E731
         self.verify_s[verify_tokens] = ema(self.verify_s.get(verify_tokens), verify_s)
+        if step_s is not None:
+            self.draft_s = ema(self.draft_s, step_s)
         if drafted:
-            self.draft_s = ema(self.draft_s, draft_s / drafted)
             # Geometric model: `accepted` successes, then one failure unless all were accepted.
             self.successes = d * self.successes + accepted
             self.trials = d * self.trials + accepted + (accepted < drafted)
