@@ -11,7 +11,7 @@ from the first new token to the last (prefill excluded) for both engines, throug
 callback (slm) and a logits processor (transformers). The fp32 tokens must be identical.
 
 The bandwidth bound: a decode step must read every weight once (and the KV cache), so
-tokens/s <= memory bandwidth / bytes per token; bandwidth is measured here (a large sum).
+tokens/s <= memory bandwidth / bytes per token; bandwidth is measured here, between the runs.
 """
 
 from __future__ import annotations
@@ -173,7 +173,6 @@ def main() -> None:
     models = ["smollm2", "amd-llama-135m"] if args.model == "all" else [args.model]
     contexts = {"short": 32, "long": 1950}
     contexts = contexts if args.context == "all" else {args.context: contexts[args.context]}
-    rows = []
     for name in models:
         ours, hf, tok = load_case(name)
         int8 = None
@@ -208,7 +207,6 @@ def main() -> None:
                 same = sum(a == b for a, b in zip(q["tokens"], r["slm"]["tokens"])) / len(q["tokens"])
                 row.update(int8_tok_s=round(q["decode_tok_s"], 2), int8_ratio=round(q["decode_tok_s"] / hf_tps, 3),
                            int8_same_tokens=round(same, 3))
-            rows.append(row)
             if args.json:
                 print(json.dumps(row), flush=True)
             else:

@@ -7,6 +7,8 @@ prints medians, tokens/s, the ratio, CPU-MFU against a fp32 GEMM peak measured i
 run, and the load average.
 
     python benchmarks/train.py                     # llama-16m, batch 4 x 256
+    OMP_NUM_THREADS=1 python benchmarks/train.py   # steadier on a shared machine
+    python benchmarks/train.py --loss-chunk 0      # ablation: slm with plain full logits
     python benchmarks/train.py --config amd-llama-135m --batch 1 --seq 256 --rounds 4
 
 MFU uses slm.train.metrics.flops_per_token: 6 N + 12 L H Q T per token (N: matmul parameters).

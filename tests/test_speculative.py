@@ -162,6 +162,22 @@ def test_adaptive_k_backs_off_and_probes():
     assert s.k >= 10
 
 
+@pytest.mark.parametrize("hit_every, drafts", [(2, True), (6, False)])
+def test_adaptive_k_models_bursty_drafts(hit_every, drafts):
+    """Prompt lookup is all or nothing: its first guess is usually wrong, and a right one stays
+    right. Free drafts, verify cost +25% per extra token: drafting pays when every 2nd round
+    hits (1 + 0.5 K tokens for 1 + 0.25 K cost), not when every 6th does."""
+    s = AdaptiveK(k_start=4)
+    ks = []
+    for r in range(200):
+        k = s.next_k()
+        hit = r % hit_every == 0
+        s.update(k, k if hit else 0, 0.0 if k else None, k + 1, 1.0 + 0.25 * k)
+        ks.append(k)
+    tail = ks[100:]
+    assert (sum(k > 0 for k in tail) > 90) if drafts else (sum(k > 0 for k in tail) < 10)
+
+
 def test_parse_draft_tokens():
     assert parse_draft_tokens("auto") == "auto" and parse_draft_tokens("5") == 5 and parse_draft_tokens("0") == 0
     for bad in ("-1", "x", "2.5"):

@@ -12,7 +12,7 @@ from conftest import randomize
 from slm.config import get_config
 from slm.model import Transformer
 from slm.sampling import SamplingParams, logits_to_probs
-from slm.speculative import engine, speculative_generate
+from slm.speculative import NgramDraft, engine, speculative_generate
 
 V = 8  # a vocabulary small enough to enumerate every 2-token continuation
 PROMPT = [1, 5, 3]
@@ -81,20 +81,26 @@ def sample_runs(target, draft, sampling, draft_tokens, seed=0):
 
 
 @pytest.mark.parametrize(
-    "sampling, draft_tokens",
-    [(SamplingParams(temperature=1.0), 2), (SamplingParams(temperature=0.8, top_k=5, top_p=0.9), 1)],
-    ids=["t1-k2", "t0.8-topk-topp-k1"],
+    "sampling, draft_tokens, draft_kind",
+    [
+        (SamplingParams(temperature=1.0), 2, "model"),
+        (SamplingParams(temperature=0.8, top_k=5, top_p=0.9), 1, "model"),
+        (SamplingParams(temperature=1.0), 3, "ngram"),  # deterministic proposals: q is a one-hot
+    ],
+    ids=["t1-k2", "t0.8-topk-topp-k1", "ngram-k3"],
 )
-def test_speculative_sampling_matches_target_distribution(pair, sampling, draft_tokens):
-    target, draft = pair
+def test_speculative_sampling_matches_target_distribution(pair, sampling, draft_tokens, draft_kind):
+    target, model_draft = pair
+    draft = model_draft if draft_kind == "model" else NgramDraft(max_ngram=1)
     joint12, p3 = exact_distributions(target, sampling)
     c12, c3, acceptance = sample_runs(target, draft, sampling, draft_tokens)
-    assert 0.05 < acceptance < 0.9  # the draft is mismatched, yet some proposals are kept
+    assert 0.05 < acceptance < 0.9  # the draft is often wrong, yet some proposals are kept
     assert chi2_pvalue(c12, joint12) > 1e-3
     assert chi2_pvalue(c3, p3) > 1e-3
-    # Sanity of the test's power: the draft's own distribution is clearly rejected at the first token.
-    q1 = logits_to_probs(draft(torch.tensor([PROMPT]))[0, -1].detach(), sampling)
-    assert chi2_pvalue(c12.sum(1), q1) < 1e-6
+    if draft_kind == "model":  # the test's power: the draft's own distribution is clearly rejected
+        with torch.no_grad():
+            q1 = logits_to_probs(model_draft(torch.tensor([PROMPT]))[0, -1], sampling)
+        assert chi2_pvalue(c12.sum(1), q1) < 1e-6
 
 
 def _accept_always(p, q, drafts, generator=None):

@@ -77,7 +77,10 @@ def _train(args: argparse.Namespace) -> int:
     from slm.train.recipes import load_config, merge_for_resume, resolve
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    saved = Path(args.out or "") / CONFIG_FILE if args.out else None
+    for key in ("data", "out", "init_from"):  # the saved config must not depend on the working directory
+        if overrides[key]:
+            overrides[key] = os.path.abspath(overrides[key])
+    saved = Path(overrides["out"]) / CONFIG_FILE if overrides["out"] else None
     if args.resume and saved is not None and saved.is_file():
         cfg = merge_for_resume(load_config(saved), overrides, str(saved))
     else:

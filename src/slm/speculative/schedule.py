@@ -1,11 +1,16 @@
 """How many tokens to draft each round: a constant K, or `AdaptiveK`.
 
 AdaptiveK picks the K that maximises expected tokens per second under the standard model of
-speculative decoding (Leviathan et al.): with per-token acceptance a, a round drafting K tokens
-yields (1 - a^(K+1)) / (1 - a) tokens and costs K draft steps plus one verify over K+1 tokens.
-Acceptance and both costs are measured as it runs (exponential moving averages), so it backs
-off to K = 0 (plain decoding) when the draft does not pay, and then probes now and then with
-one drafted token, at growing intervals, in case the text has become easier.
+speculative decoding (Leviathan et al.), with one refinement: the first proposal of a round is
+accepted with probability a1 and each later one (given the previous) with a, since drafts such
+as prompt lookup are bursty (a wrong guess is usually wrong from its first token; a right one
+stays right). A round drafting K tokens then yields 1 + a1 (1 - a^K) / (1 - a) tokens (with
+a1 = a, the usual (1 - a^(K+1)) / (1 - a)) and costs K draft steps plus one verify over K+1
+tokens. Acceptance and both costs are measured as it runs (exponential moving averages). It
+drafts only when that predicts a gain of at least `min_gain` over plain decoding (timings on a
+shared machine are noisy), so it backs off to K = 0 when the draft does not pay, and then
+probes now and then with one drafted token, at growing intervals, in case the text has become
+easier.
 """
 
 from __future__ import annotations
@@ -31,7 +36,10 @@ class AdaptiveK:
     decay: float = 0.85  # weight of the past in each moving average, per round
     probe_min: int = 8  # rounds at K = 0 before the first probe; doubles after each probe that fails
     probe_max: int = 256
-    # Acceptance as a moving success/trial count, starting from a weak prior of a = 0.5.
+    min_gain: float = 1.05  # predicted speedup over plain decoding needed to draft at all
+    # Acceptance as moving success/trial counts (first proposal; later ones), weak priors of 0.5.
+    first_successes: float = 1.0
+    first_trials: float = 2.0
     successes: float = 1.0
     trials: float = 2.0
     draft_s: float | None = None  # seconds per drafted token
@@ -45,8 +53,9 @@ class AdaptiveK:
         self.probe_every = self.probe_min
 
     @property
-    def acceptance(self) -> float:
-        return self.successes / self.trials
+    def acceptance(self) -> tuple[float, float]:
+        """(a1, a): acceptance of a round's first proposal, and of each later one given the previous."""
+        return self.first_successes / self.first_trials, self.successes / self.trials
 
     def _verify_cost(self, tokens: int) -> float:
         if tokens in self.verify_s:
@@ -56,16 +65,19 @@ class AdaptiveK:
         return self.verify_s[nearest]
 
     def _best_k(self) -> int:
-        a = min(self.acceptance, 0.999)
-        best_k, best_rate = 0, 1.0 / self._verify_cost(1)
+        a1, a = self.acceptance
+        a = min(a, 0.999)
+        best_k, best_rate = 0, self.min_gain / self._verify_cost(1)
         for k in range(1, self.k_max + 1):
-            tokens = (1.0 - a ** (k + 1)) / (1.0 - a)
+            tokens = 1.0 + a1 * (1.0 - a**k) / (1.0 - a)
             rate = tokens / (k * self.draft_s + self._verify_cost(k + 1))
             if rate > best_rate:
                 best_k, best_rate = k, rate
         return best_k
 
     def next_k(self) -> int:
+        if 1 not in self.verify_s:  # first measure a plain decode step: the baseline every K is judged by
+            return 0
         if self.k == 0:
             self.idle_rounds += 1
             if self.idle_rounds >= self.probe_every:
@@ -83,9 +95,11 @@ class AdaptiveK:
         if step_s is not None:
             self.draft_s = ema(self.draft_s, step_s)
         if drafted:
-            # Geometric model: `accepted` successes, then one failure unless all were accepted.
-            self.successes = d * self.successes + accepted
-            self.trials = d * self.trials + accepted + (accepted < drafted)
+            self.first_successes = d * self.first_successes + (accepted > 0)
+            self.first_trials = d * self.first_trials + 1
+            if accepted > 0 and drafted > 1:  # later proposals: accepted - 1 successes, then a failure unless all
+                self.successes = d * self.successes + accepted - 1
+                self.trials = d * self.trials + accepted - 1 + (accepted < drafted)
         if self.draft_s is None:
             return  # nothing drafted yet: keep the starting K
         k = self._best_k()
