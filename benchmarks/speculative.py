@@ -11,9 +11,12 @@ target's logits equal the draft's (acceptance 1); then the same with N(0, --nois
 projections (acceptance < 1). Constant K in --ks. For slm and for transformers.generate
 (assistant_model, num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0):
 speedup over each one's own target-only decoding, and efficiency = speedup / predicted, with
-predicted = (1 - a^(K+1)) / ((1 - a)(K c + 1)) from the measured acceptance a and each
-engine's own cost ratio c (draft-only / target-only time per token). Also the cost of one
-verify forward over K+1 tokens relative to a 1-token decode step, for both engines.
+predicted = (1 - a^(K+1)) / ((1 - a)(K c + 1)) from the measured per-token acceptance a
+(Leviathan's alpha, solved from the measured tokens per target forward; AMD's acceptance rate,
+accepted / drafted, is printed beside it) and each
+engine's own cost ratio c (draft-only / target-only time per token). Also the cost v of one
+verify forward over K+1 tokens relative to a 1-token decode step, for both engines, and the
+efficiency against the prediction that uses v instead of 1 (what is left is loop overhead).
 
 Part 2, the real thing: target SmolLM2-135M-Instruct, greedy, the first --prompts HumanEval
 prompts in slm.eval's chat format (asked for the completed function, the instruct model
@@ -72,10 +75,24 @@ def interleaved(engines: dict, prompts: list, repeats: int) -> dict:
     return out
 
 
-def predicted_speedup(a: float, k: int, c: float) -> float:
-    if a >= 1.0:
-        return (k + 1) / (k * c + 1)
-    return (1 - a ** (k + 1)) / ((1 - a) * (k * c + 1))
+def alpha_from_rounds(tokens_per_round: float, k: int) -> float:
+    """Leviathan's per-token acceptance alpha that yields this mean tokens per round at draft length k,
+    i.e. the root of (1 - a^(k+1)) / (1 - a) = tokens_per_round (by bisection; the left side increases in a).
+    AMD's acceptance rate (accepted / drafted) is not alpha: it is lower at larger k."""
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if sum(mid**i for i in range(k + 1)) < tokens_per_round:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def predicted_speedup(a: float, k: int, c: float, v: float = 1.0) -> float:
+    """Leviathan et al.'s expected speedup; v: cost of the verify forward in decode steps (1 in the paper)."""
+    tokens = k + 1 if a >= 1.0 else (1 - a ** (k + 1)) / (1 - a)
+    return tokens / (k * c + v)
 
 
 # --- engines -------------------------------------------------------------------------------------
@@ -166,7 +183,7 @@ def humaneval_prompts(tokenizer, count: int, model_dir, prompt_format: str = "ch
 
 
 def verify_cost(lm, prompt: list[int], ks: list[int], repeats: int = 15) -> dict[int, float]:
-    """Median time of a forward over K+1 tokens / a 1-token decode step, at the same position."""
+    """Median seconds of a forward over K+1 tokens, at the same position: {K: seconds}, K=0 the decode step."""
     lm.prepare(len(prompt) + 64)
     lm.forward(prompt, 0)
     pos = len(prompt)
@@ -176,8 +193,7 @@ def verify_cost(lm, prompt: list[int], ks: list[int], repeats: int = 15) -> dict
             t0 = time.perf_counter()
             lm.forward(prompt[:t], pos)  # overwrites positions pos..pos+t-1 (a crop for transformers)
             times[t].append(time.perf_counter() - t0)
-    base = statistics.median(times[1])
-    return {t - 1: statistics.median(v) / base for t, v in times.items() if t > 1}
+    return {t - 1: statistics.median(v) for t, v in times.items()}
 
 
 # --- the two parts -------------------------------------------------------------------------------
@@ -207,19 +223,24 @@ def part_controlled(args, full, model_dir, tokenizer, tmp: Path) -> list[dict]:
             ref = res[f"{eng} target"]["tokens"]
             for k in args.ks:
                 assert res[f"{eng} K={k}"]["tokens"] == ref, f"{eng} K={k}: output differs from target-only greedy"
-        vc_ours = verify_cost(SlmLM(target), prompts[0], args.ks)
-        vc_hf = verify_cost(HFLM(hf_target), prompts[0], args.ks)
+        vc = {"slm": verify_cost(SlmLM(target), prompts[0], args.ks), "hf": verify_cost(HFLM(hf_target), prompts[0], args.ks)}
         for k in args.ks:
             st = res[f"slm K={k}"]["stats"]
-            a = sum(s["accepted_tokens"] for s in st) / sum(s["drafted_tokens"] for s in st)
-            row = {"part": "controlled", "target": label, "K": k, "acceptance": round(a, 3)}
+            rate = sum(s["accepted_tokens"] for s in st) / sum(s["drafted_tokens"] for s in st)
+            per_round = sum(len(t) for t in res[f"slm K={k}"]["tokens"]) / sum(s["target_forwards"] for s in st)
+            a = 1.0 if rate == 1.0 else alpha_from_rounds(per_round, k)
+            row = {"part": "controlled", "target": label, "K": k, "acceptance": round(rate, 3), "alpha": round(a, 3)}
             for eng in ("slm", "hf"):
                 c = res[f"{eng} draft"]["seconds"] / res[f"{eng} target"]["seconds"]
                 speedup = res[f"{eng} target"]["seconds"] / res[f"{eng} K={k}"]["seconds"]
                 pred = predicted_speedup(a, k, c)
                 row.update({f"{eng}_c": round(c, 3), f"{eng}_speedup": round(speedup, 3),
                             f"{eng}_predicted": round(pred, 3), f"{eng}_efficiency": round(speedup / pred, 3),
-                            f"{eng}_verify_cost": round((vc_ours if eng == "slm" else vc_hf)[k], 3)})
+                            f"{eng}_verify_cost": round(vc[eng][k] / vc[eng][0], 3),
+                            # the same prediction with the measured verify cost instead of 1 step
+                            f"{eng}_efficiency_given_verify": round(
+                                speedup / predicted_speedup(a, k, c, vc[eng][k] / vc[eng][0]), 3),
+                            f"{eng}_step_ms": round(1e3 * vc[eng][0], 1), f"{eng}_verify_ms": round(1e3 * vc[eng][k], 1)})
             row["slm_vs_hf"] = round(res[f"hf K={k}"]["seconds"] / res[f"slm K={k}"]["seconds"], 3)
             rows.append(row)
             print(json.dumps(row), flush=True)

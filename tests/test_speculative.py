@@ -4,6 +4,7 @@ for many prompts and K; plus the schedule, the draft loader and the CLI."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 
@@ -193,6 +194,14 @@ def test_load_draft_checks_vocabulary(tmp_path, tokenizer_dir, tiny_model_dir):
     d = load_draft(str(draft_dir), target=target, target_dir=tiny_model_dir)
     assert isinstance(d, ModelDraft)
     assert isinstance(load_draft("ngram", target=target, target_dir=tiny_model_dir), NgramDraft)
+    if importlib.util.find_spec("transformers"):  # the same directory through transformers
+        from slm.speculative.hf import HFLM
+
+        hf = load_draft(f"hf:{draft_dir}", target=target, target_dir=tiny_model_dir)
+        assert isinstance(hf.lm, HFLM)
+        prompt = [5, 9, 14]
+        assert speculative_generate(target, hf, prompt, 10, draft_tokens=3, stop_ids=[]).tokens == \
+            generate(target, prompt, 10, stop_ids=[]).tokens
     # A smaller tokenizer from the same BPE training is a prefix of the target's: accepted.
     prefix_tok = make_tokenizer_dir(tmp_path / "prefix_tok", vocab_size=300)
     prefix = make_model_dir(tmp_path / "prefix", prefix_tok, seed=5)

@@ -194,30 +194,27 @@ def load_draft(spec: str, target, target_dir: str | os.PathLike | None = None) -
     path = Path(spec[3:] if force_hf else spec)
     if not path.exists():
         raise SlmError(f"draft {path}: no such file or directory (expected a model directory, a .gguf, 'ngram' or 'int8')")
-    draft_lm = None
     if not force_hf:
-        from slm.weights import load_model, read_config, resolve_model_dir
+        from slm.weights import read_config, resolve_model_dir
 
-        model_dir = resolve_model_dir(path)
+        path = resolve_model_dir(path)  # a .gguf becomes its imported model directory
         try:
-            read_config(model_dir)
+            read_config(path)
         except SlmError:
-            if path.is_dir():  # not a LLaMA-architecture config: transformers may still run it
-                force_hf = True
-            else:
+            if not (path / "config.json").is_file():
                 raise
-        if not force_hf:
-            draft_lm = as_lm(load_model(model_dir))
-            path = model_dir
-    if force_hf:
-        from slm.speculative.hf import load_hf_lm
-
-        draft_lm = load_hf_lm(path)
-    if target_dir is not None:
+            force_hf = True  # not a LLaMA-architecture config: transformers may still run it
+    if target_dir is not None:  # before loading any weights
         check_same_vocabulary(
             _tokenizer(Path(target_dir), "target"), _tokenizer(path, "draft"), str(target_dir), str(path)
         )
-    return ModelDraft(draft_lm, target_lm.vocab_size)
+    if force_hf:
+        from slm.speculative.hf import load_hf_lm
+
+        return ModelDraft(load_hf_lm(path), target_lm.vocab_size)
+    from slm.weights import load_model
+
+    return ModelDraft(as_lm(load_model(path)), target_lm.vocab_size)
 
 
 def as_draft(draft, target_vocab: int) -> Draft:
