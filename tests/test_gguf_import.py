@@ -5,7 +5,6 @@ against transformers loading the same file; broken files give one-line errors.""
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest

@@ -43,7 +43,9 @@ class DemoConfig:
     draft_tokens: int | str = "auto"
     corpus: str | None = None  # a folder of .py files; default: the standard library
     workers: int = 2
-    prompt_format: str = "raw"
+    # SmolLM2-135M-Instruct answers raw HumanEval prompts with prose; asked in its chat template it
+    # writes the function in a code block, which is what a code-drafting benchmark needs.
+    prompt_format: str = "chat"
     allow_code_execution: bool = True
     progress: bool = True
 
@@ -92,7 +94,7 @@ def _is_transformers_dir(path: str) -> bool:
 
 def prepare_data(cfg: DemoConfig, target_dir: Path) -> Path:
     from slm.data.prepare import PrepareConfig, prepare
-    from slm.data.sources import parse_source
+    from slm.data.sources import ReadOptions, parse_source
 
     corpus = cfg.corpus or sysconfig.get_paths()["stdlib"]
     out = cfg.work_dir / "data"
@@ -100,6 +102,7 @@ def prepare_data(cfg: DemoConfig, target_dir: Path) -> Path:
     prepare(PrepareConfig(
         sources=[parse_source(f"code:{corpus}")], tokenizer=str(target_dir), out=out, seq_len=cfg.seq_len,
         workers=cfg.workers, val_fraction=0.01, progress=cfg.progress,
+        read=ReadOptions(exclude=("site-packages", "__pycache__")),  # the standard library only
     ))
     return out
 
@@ -167,8 +170,10 @@ def train_draft(cfg: DemoConfig, data_dir: Path, target_dir: Path) -> Path:
         steps, remaining = _estimate_steps(cfg, data_dir, vocab), budget
     if remaining > 1:
         _log(f"training a {cfg.draft_config} code draft for {remaining / 60:.1f} min (~{steps} steps)")
+        # A new draft, so the pretraining recipe, with the code recipe's learning-rate schedule
+        # (amd-code: 3e-4 cosine to 3e-5), warm-up scaled to the short run.
         tc = resolve(
-            "amd-code", model=cfg.draft_config, vocab_size=vocab, data=str(data_dir), out=str(run_dir),
+            "amd-pretrain", lr=3e-4, min_lr=3e-5, model=cfg.draft_config, vocab_size=vocab, data=str(data_dir), out=str(run_dir),
             max_steps=steps, warmup_steps=max(1, steps // 20), batch_size=cfg.batch_size,
             global_batch=cfg.batch_size, seq_len=cfg.seq_len, time_budget=remaining,
             checkpoint_every=max(10, steps // 10), keep_last=2, eval_every=max(10, steps // 5), eval_batches=10,
@@ -209,7 +214,6 @@ def run_generations(cfg: DemoConfig, target_dir: Path, rows: list[Row]) -> dict[
     """Each prompt through every row, interleaved (prompt 1: A, B, C..; prompt 2: A, B, C..), so that
     a change in machine load hits all rows alike. Results are appended per (row, prompt) to
     results.jsonl, and a re-run skips what is there."""
-    import torch
 
     from slm.eval.humaneval_generate import (
         StopWatcher,

@@ -29,6 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--draft-tokens", default="auto", metavar="K|auto", help="draft tokens per round (default auto)")
     p.add_argument("--seq-len", type=int, default=512, help="training sequence length of the draft (default 512)")
     p.add_argument("--corpus", default=None, help="folder of .py files to train the draft on (default: the standard library)")
+    p.add_argument("--prompt-format", choices=["chat", "raw"], default="chat",
+                   help="HumanEval prompt: the chat template asking for the function (default), or the raw code prompt")
     p.add_argument("--workers", type=int, default=2, help="processes for data preparation and code execution")
     p.set_defaults(func=_demo)
 
@@ -41,7 +43,7 @@ def _demo(args: argparse.Namespace) -> int:
         target=args.target, drafts=tuple(args.draft), train_minutes=args.train_minutes, prompts=args.prompts,
         max_new_tokens=args.max_new_tokens, draft_config=args.draft_config,
         draft_tokens=parse_draft_tokens(args.draft_tokens), seq_len=args.seq_len, corpus=args.corpus,
-        workers=args.workers, progress=sys.stderr.isatty(),
+        workers=args.workers, prompt_format=args.prompt_format, progress=sys.stderr.isatty(),
     )
     if args.work_dir is not None:
         cfg.work_dir = args.work_dir
