@@ -18,7 +18,8 @@ from slm.generate import generate
 from slm.model import Transformer
 from slm.sampling import SamplingParams
 from slm.speculative import (
-    AdaptiveK, ModelDraft, NgramDraft, SlmLM, load_draft, parse_draft_tokens, speculative_generate,
+    AdaptiveK, HybridDraft, ModelDraft, NgramDraft, SlmLM, as_lm, load_draft, parse_draft_tokens,
+    speculative_generate,
 )
 
 KS = [0, 1, 2, 3, 5, 8, "auto"]
@@ -47,7 +48,9 @@ def drafts(target):
     wrong = _tiny(0)
     with torch.no_grad():  # the target with negated logits: its argmax is the target's argmin, never its argmax
         wrong.output.weight.neg_()
-    return {"right": target, "wrong": wrong, "other": _tiny(1, n_layers=1), "ngram": NgramDraft()}
+    other = _tiny(1, n_layers=1)
+    hybrid = HybridDraft(NgramDraft(min_ngram=2), ModelDraft(as_lm(other), target.config.vocab_size))
+    return {"right": target, "wrong": wrong, "other": other, "ngram": NgramDraft(), "hybrid": hybrid}
 
 
 def _prompts(n: int, seed: int = 0) -> list[list[int]]:
@@ -58,7 +61,7 @@ def _prompts(n: int, seed: int = 0) -> list[list[int]]:
     return out
 
 
-@pytest.mark.parametrize("kind", ["right", "wrong", "other", "ngram"])
+@pytest.mark.parametrize("kind", ["right", "wrong", "other", "ngram", "hybrid"])
 def test_greedy_equals_target_greedy(target, drafts, kind):
     draft = drafts[kind]
     for prompt in _prompts(6):
@@ -292,7 +295,7 @@ def test_real_smollm2_greedy_equivalence():
     tok = Tokenizer.load(model_dir)
     prompts = [tok.encode("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"),
                tok.encode("<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n")]
-    drafts = {"ngram": load_draft("ngram", target, model_dir), "int8": load_draft("int8", target, model_dir)}
+    drafts = {name: load_draft(name, target, model_dir) for name in ("ngram", "int8", "auto")}
     for prompt in prompts:
         ref = generate(target, prompt, 24, stop_ids=[]).tokens
         for name, draft in drafts.items():

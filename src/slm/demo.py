@@ -195,6 +195,7 @@ def default_rows(cfg: DemoConfig, draft_dir: Path | None) -> list[Row]:
     rows += [
         Row("int8 self-draft", "int8", cfg.draft_tokens),
         Row("prompt lookup", "ngram", cfg.draft_tokens),
+        Row("auto (lookup, else int8)", "auto", cfg.draft_tokens),
     ]
     rows += [Row(f"draft {Path(d).name}", d, cfg.draft_tokens) for d in cfg.drafts]
     return rows

@@ -8,13 +8,13 @@ target's own sampling.
 - `lm`: the minimal model interface the loop needs, for slm models; `hf`: for transformers models.
 """
 
-from slm.speculative.drafts import Draft, ModelDraft, NgramDraft, Proposal, check_same_vocabulary, load_draft
+from slm.speculative.drafts import Draft, HybridDraft, ModelDraft, NgramDraft, Proposal, check_same_vocabulary, load_draft
 from slm.speculative.engine import parse_draft_tokens, rejection_sample, speculative_generate, verify_greedy
 from slm.speculative.lm import CachedLM, SlmLM, as_lm
 from slm.speculative.schedule import AdaptiveK, FixedK
 
 __all__ = [
-    "AdaptiveK", "CachedLM", "Draft", "FixedK", "ModelDraft", "NgramDraft", "Proposal", "SlmLM", "as_lm",
+    "AdaptiveK", "CachedLM", "Draft", "FixedK", "HybridDraft", "ModelDraft", "NgramDraft", "Proposal", "SlmLM", "as_lm",
     "check_same_vocabulary", "load_draft", "parse_draft_tokens", "rejection_sample", "speculative_generate",
     "verify_greedy",
 ]

@@ -116,8 +116,8 @@ class NgramDraft(Draft):
     first, n = max_ngram..1) and propose the tokens that followed it. No model, no cost; strong
     when the output copies from the prompt (code, edits, quotations)."""
 
-    def __init__(self, max_ngram: int = 3):
-        self.max_ngram = max_ngram
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.reset(0)
 
     def reset(self, length: int) -> None:
@@ -135,12 +135,36 @@ class NgramDraft(Draft):
         t0, n = time.perf_counter(), len(context)
         self._index_upto(context, n - 1)  # everything but the suffix ending at n itself
         tokens = []
-        for size in range(min(self.max_ngram, n), 0, -1):
+        for size in range(min(self.max_ngram, n), self.min_ngram - 1, -1):
             end = self.index.get(tuple(context[n - size :]))
             if end is not None:
                 tokens = context[end : end + k]
                 break
         return Proposal(tokens, None, step_seconds=(time.perf_counter() - t0) / max(len(tokens), 1))
+
+
+class HybridDraft(Draft):
+    """`--draft auto`: prompt lookup where the context's last `min_ngram`+ tokens occurred before,
+    the model draft everywhere else. A lookup costs nothing to propose, so when code repeats
+    what is already there (names, signatures, boilerplate) the model's draft steps are saved; a
+    one-token match is too weak a signal to prefer over the model. The model draft's cache stays
+    correct across lookup rounds: its next proposal feeds whatever the context gained meanwhile."""
+
+    def __init__(self, lookup: NgramDraft, model: ModelDraft):
+        self.lookup, self.model = lookup, model
+
+    def reset(self, length: int) -> None:
+        self.lookup.reset(length)
+        self.model.reset(length)
+
+    def max_tokens(self, context_len: int) -> int:
+        return self.model.max_tokens(context_len)
+
+    def propose(self, context: list[int], k: int, sampling: SamplingParams, generator=None) -> Proposal:
+        found = self.lookup.propose(context, k, sampling, generator)
+        if found.tokens:
+            return found
+        return self.model.propose(context, k, sampling, generator)
 
 
 # --- vocabularies ------------------------------------------------------------------------
@@ -169,26 +193,30 @@ def _tokenizer(path: Path, what: str):
     return Tokenizer.load(path)
 
 
+def _int8_copy(target, spec: str):
+    from slm.model import Transformer
+
+    if not isinstance(target, Transformer):
+        raise SlmError(f"draft {spec!r} uses the target's own int8 copy, which needs an slm target model")
+    from slm.quantize import quantized_copy
+
+    return quantized_copy(target)
+
+
 def load_draft(spec: str, target, target_dir: str | os.PathLike | None = None) -> Draft:
     """Resolve a `--draft` value against the (already loaded) target.
 
     "ngram": prompt lookup. "int8": the target's own int8 weight-only copy (slm.quantize).
+    "auto": prompt lookup where a 2+-token n-gram matches, else the int8 copy (`HybridDraft`).
     "hf:DIR" or a transformers directory that slm cannot load: a transformers draft.
     Otherwise an slm model directory or .gguf file. Model drafts must share the target's tokenizer.
     """
     target_lm = as_lm(target)
     if spec == "ngram":
         return NgramDraft()
-    if spec == "int8":
-        from slm.model import Transformer
-
-        if not isinstance(target, Transformer):
-            raise SlmError("draft 'int8' is the target's own int8 copy, which needs an slm target model")
-        try:
-            from slm.quantize import quantized_copy
-        except ImportError:
-            raise SlmError("draft 'int8' needs slm.quantize, which this installation does not have") from None
-        return ModelDraft(as_lm(quantized_copy(target)), target_lm.vocab_size)
+    if spec in ("int8", "auto"):
+        model_draft = ModelDraft(as_lm(_int8_copy(target, spec)), target_lm.vocab_size)
+        return model_draft if spec == "int8" else HybridDraft(NgramDraft(min_ngram=2), model_draft)
 
     force_hf = spec.startswith("hf:")
     path = Path(spec[3:] if force_hf else spec)

@@ -103,6 +103,7 @@ def speculative_generate(
         mean_accepted (accepted draft tokens per target forward), tokens_per_target_forward
         (including the target's own token), target_forwards (verify passes; the prefill is extra),
         draft_forwards, drafted_tokens, accepted_tokens, mean_k, draft_seconds, verify_seconds,
+        accepted_per_round (accepted draft tokens in each round that drafted).
         tokens_per_second (prefill included, as `GenerationResult.tokens_per_second`).
     """
     with torch.inference_mode():
@@ -146,6 +147,7 @@ def _generate(target, draft, prompt, max_new_tokens, sampling, draft_tokens, sto
     context, new = prompt, []
     c = dict(target_forwards=0, draft_forwards=0, drafted_tokens=0, accepted_tokens=0, k_sum=0)
     draft_total = verify_total = 0.0
+    accepted_per_round: list[int] = []  # rounds that drafted: accepted draft tokens in each
     while len(new) < budget:
         n = len(context)
         # K+1 tokens come out of a round: never draft past the budget or the draft's context.
@@ -168,6 +170,8 @@ def _generate(target, draft, prompt, max_new_tokens, sampling, draft_tokens, sto
         c["drafted_tokens"] += len(drafts)
         c["accepted_tokens"] += accepted
         c["k_sum"] += k
+        if drafts:
+            accepted_per_round.append(accepted)
 
         out = drafts[:accepted] + [extra]  # never past the budget: k <= budget - len(new) - 1
         for tok in out:
@@ -198,6 +202,7 @@ def _generate(target, draft, prompt, max_new_tokens, sampling, draft_tokens, sto
         "mean_k": c["k_sum"] / rounds,
         "draft_seconds": round(draft_total, 4),
         "verify_seconds": round(verify_total, 4),
+        "accepted_per_round": accepted_per_round,
     }
     seconds = time.perf_counter() - t0
     stats["tokens_per_second"] = len(new) / seconds if seconds > 0 else 0.0
