@@ -47,6 +47,15 @@ def make_tokenizer_dir(path: Path, vocab_size: int = 320) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models: one thread (`pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     return make_tokenizer_dir(tmp_path_factory.mktemp("tokenizer"))

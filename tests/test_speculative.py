@@ -25,13 +25,8 @@ from slm.speculative import (
 KS = [0, 1, 2, 3, 5, 8, "auto"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and far more predictably on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny models run fastest on one thread, and far more predictably on a shared machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(seed: int, **overrides) -> Transformer:

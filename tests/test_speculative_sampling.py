@@ -20,13 +20,8 @@ RUNS = 3000
 _exact = engine.rejection_sample  # the real one, kept before any monkeypatching
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and far more predictably on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny models run fastest on one thread, and far more predictably on a shared machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(seed: int) -> Transformer:

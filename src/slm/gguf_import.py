@@ -309,34 +309,19 @@ def _byte_level_bpe(meta: _Metadata, tokens: list[str], types: list[int]):
 
 
 def _sentencepiece_bpe(meta: _Metadata, tokens: list[str], types: list[int]):
-    """SentencePiece BPE (LLaMA-1/2) as a `tokenizers` BPE with byte fallback.
+    """SentencePiece BPE (LLaMA-1/2) as a `tokenizers` BPE with byte fallback: the same conversion
+    `slm tokenizer train` uses for its own tokenizer.model (`slm.tokenizer.llama_bpe_tokenizer`)."""
+    from slm.tokenizer import llama_bpe_tokenizer
 
-    SentencePiece merges the adjacent pair whose concatenation has the highest score; a BPE
-    whose merges are ranked by that score does the same, so the merges are derived from the
-    vocabulary: every split of a normal token into two vocabulary pieces, best score first."""
-    from tokenizers import Tokenizer, decoders, models, normalizers
-
-    scores = meta.require("tokenizer.ggml.scores")
-    vocab = {t: i for i, t in enumerate(tokens)}
-    ranked = []
-    for t, i in vocab.items():
-        if types[i] != _NORMAL or len(t) < 2:
-            continue
-        for k in range(1, len(t)):
-            left, right = t[:k], t[k:]
-            if left in vocab and right in vocab:
-                ranked.append((-scores[i], vocab[left], vocab[right], left, right))
-    ranked.sort()
-    unk = meta.get("tokenizer.ggml.unknown_token_id", 0)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(r[3], r[4]) for r in ranked], unk_token=tokens[unk],
-                               fuse_unk=True, byte_fallback=True))
-    add_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-    steps = [normalizers.Prepend("\u2581")] if add_prefix else []
-    tok.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "\u2581")])
-    dec = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
-    if add_prefix:
-        dec.append(decoders.Strip(content=" ", left=1, right=0))
-    tok.decoder = decoders.Sequence(dec)
+    tok = llama_bpe_tokenizer(
+        pieces=tokens,
+        scores=meta.require("tokenizer.ggml.scores"),
+        mergeable=[ty == _NORMAL for ty in types],
+        unk_id=meta.get("tokenizer.ggml.unknown_token_id", 0),
+        bos_id=meta.get("tokenizer.ggml.bos_token_id", 1),
+        eos_id=meta.get("tokenizer.ggml.eos_token_id", 2),
+        add_dummy_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)),
+    )
     _add_special_tokens(tok, tokens, types)
     return tok
 

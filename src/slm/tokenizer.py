@@ -249,7 +249,8 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def llama_bpe_tokenizer(
-    pieces: list[str], scores: list[float], mergeable: list[bool], unk_id: int, bos_id: int, eos_id: int
+    pieces: list[str], scores: list[float], mergeable: list[bool], unk_id: int, bos_id: int, eos_id: int,
+    add_dummy_prefix: bool = True,
 ):
     """A `tokenizers.Tokenizer` that encodes exactly like a LLaMA SentencePiece BPE vocabulary.
 
@@ -274,10 +275,11 @@ def llama_bpe_tokenizer(
     tok = HFTokenizer(BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
     # SentencePiece always adds the dummy "▁" prefix (even before a leading space) and merges
     # across the whole string: a normalizer, not a Metaspace pre-tokenizer, does exactly that.
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-    )
+    # (add_dummy_prefix=False: a model trained without it, as GGUF's tokenizer.ggml.add_space_prefix says.)
+    prefix = [normalizers.Prepend("▁")] if add_dummy_prefix else []
+    tok.normalizer = normalizers.Sequence(prefix + [normalizers.Replace(" ", "▁")])
+    strip = [decoders.Strip(" ", 1, 0)] if add_dummy_prefix else []
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()] + strip)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (unk, bos, eos)])
     tok.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
