@@ -298,3 +298,14 @@ def test_real_smollm2_greedy_equivalence():
                 r = speculative_generate(target, draft, prompt, 24, draft_tokens=k, stop_ids=[])
                 assert r.tokens == ref, (name, k)
         assert r.stats["acceptance_rate"] > 0.5  # the int8 copy agrees with its target most of the time
+
+
+def test_auto_schedule_carries_over_between_generations(target, drafts):
+    """A draft that never helps is learned once: the next prompt only probes it now and then."""
+    draft = ModelDraft(as_lm(drafts["wrong"]), target.config.vocab_size)
+    first = speculative_generate(target, draft, [5, 6, 7], 40, draft_tokens="auto", stop_ids=[])
+    second = speculative_generate(target, draft, [8, 9, 10], 40, draft_tokens="auto", stop_ids=[])
+    assert first.stats["accepted_tokens"] == second.stats["accepted_tokens"] == 0
+    assert first.stats["drafted_tokens"] >= 4
+    assert second.stats["drafted_tokens"] < first.stats["drafted_tokens"]
+    assert second.tokens == generate(target, [8, 9, 10], 40, stop_ids=[]).tokens

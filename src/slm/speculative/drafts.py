@@ -34,6 +34,11 @@ class Proposal:
 class Draft:
     """Interface of a draft source."""
 
+    # The adaptive schedule of `draft_tokens="auto"`, kept with the draft so that what it learned
+    # about this draft's acceptance and cost carries over from one generation to the next (a
+    # useless draft is then only probed, not re-tried at full K at the start of every prompt).
+    schedule = None
+
     def reset(self, length: int) -> None:
         """Start a new sequence of up to `length` tokens."""
 

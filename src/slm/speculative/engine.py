@@ -126,7 +126,9 @@ def _generate(target, draft, prompt, max_new_tokens, sampling, draft_tokens, sto
     if bad:
         raise SlmError(f"prompt token id {bad[0]} is outside the target's vocabulary (size {target.vocab_size})")
     if draft_tokens == "auto":
-        schedule = AdaptiveK()
+        if draft.schedule is None:
+            draft.schedule = AdaptiveK()
+        schedule = draft.schedule
     elif isinstance(draft_tokens, int) and draft_tokens >= 0:
         schedule = FixedK(draft_tokens)
     else:
