@@ -297,7 +297,8 @@ def test_real_smollm2_greedy_equivalence():
             for k in (3, "auto"):
                 r = speculative_generate(target, draft, prompt, 24, draft_tokens=k, stop_ids=[])
                 assert r.tokens == ref, (name, k)
-        assert r.stats["acceptance_rate"] > 0.5  # the int8 copy agrees with its target most of the time
+                if name == "int8" and k == 3:  # the int8 copy agrees with its target most of the time
+                    assert r.stats["acceptance_rate"] > 0.5, r.stats
 
 
 def test_auto_schedule_carries_over_between_generations(target, drafts):
