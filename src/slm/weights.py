@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -32,7 +31,6 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 
-_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 # Per-layer HF names that map one-to-one onto ours.
 _LAYER_SIMPLE = {
     "self_attn.o_proj.weight": "attention.wo.weight",
