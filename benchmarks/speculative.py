@@ -17,12 +17,16 @@ accepted / drafted, is printed beside it) and each
 engine's own cost ratio c (draft-only / target-only time per token). Also the cost v of one
 verify forward over K+1 tokens relative to a 1-token decode step, for both engines, and the
 efficiency against the prediction that uses v instead of 1 (what is left is loop overhead).
+Then a useless draft: the real SmolLM2 as target, its own first --draft-layers layers as draft
+(they agree on a few % of tokens), slm at K=auto (it must back off: never slower than
+target-only) beside transformers' adaptive "heuristic" schedule.
 
 Part 2, the real thing: target SmolLM2-135M-Instruct, greedy, the first --prompts HumanEval
 prompts in slm.eval's chat format (asked for the completed function, the instruct model
 answers with a code block), --new-tokens each, every draft
-slm offers on a CPU: prompt lookup (ngram), the target's own int8 copy (slm.quantize), each
-at a fixed K and "auto". transformers rows: prompt lookup (prompt_lookup_num_tokens) and, as its
+slm offers on a CPU: prompt lookup (ngram), the target's own quantized copy (int8; int4, i.e.
+int4 decoder layers and an int8 lm_head), and "auto" (lookup, else the int4 copy), at "auto" K
+(and a fixed K for ngram and int4). transformers rows: prompt lookup (prompt_lookup_num_tokens) and, as its
 nearest int8 draft, the target under torch.ao dynamic int8 quantisation as assistant.
 
 Every speculative output is asserted equal to the same engine's target-only greedy output.
@@ -247,6 +251,33 @@ def part_controlled(args, full, model_dir, tokenizer, tmp: Path) -> list[dict]:
     return rows
 
 
+def part_useless(args, full, model_dir, tokenizer, tmp: Path) -> list[dict]:
+    """A useless draft: the real SmolLM2 drafted for by its own first --draft-layers layers (they
+    agree with it on a few % of tokens). `auto` must back off to plain decoding: never slower than
+    target-only. transformers' own adaptive schedule ("heuristic": +2 after a full accept, -1
+    otherwise) is the peer."""
+    prompts = [p[-args.controlled_prompt_tokens :] for p in
+               humaneval_prompts(tokenizer, args.controlled_prompts, model_dir, args.prompt_format)]
+    n = args.controlled_tokens
+    draft, _ = controlled_pair(full, args.draft_layers, 0.0)
+    hf_draft, hf_target = to_hf(draft, tmp, "draft"), to_hf(full, tmp, "target")
+    engines = {"slm target": ours_plain(full, n), "slm auto": ours_spec(full, draft, n, "auto"),
+               "hf target": hf_run(hf_target, n),
+               "hf heuristic": hf_run(hf_target, n, assistant_model=hf_draft, num_assistant_tokens_schedule="heuristic")}
+    log(f"part 1, useless draft: {len(engines)} engines x {len(prompts)} prompts x {args.repeats} rounds")
+    res = interleaved(engines, prompts, args.repeats)
+    for eng, spec in (("slm", "slm auto"), ("hf", "hf heuristic")):
+        assert res[spec]["tokens"] == res[f"{eng} target"]["tokens"], f"{spec}: output differs from target-only greedy"
+    st = res["slm auto"]["stats"]
+    row = {"part": "controlled", "target": "useless draft", "K": "auto",
+           "acceptance": round(sum(s["accepted_tokens"] for s in st) / max(sum(s["drafted_tokens"] for s in st), 1), 3),
+           "slm_mean_k": round(statistics.mean(s["mean_k"] for s in st), 3),
+           "slm_speedup": round(res["slm target"]["seconds"] / res["slm auto"]["seconds"], 3),
+           "hf_heuristic_speedup": round(res["hf target"]["seconds"] / res["hf heuristic"]["seconds"], 3)}
+    print(json.dumps(row), flush=True)
+    return [row]
+
+
 def part_real(args, target, model_dir, tokenizer, tmp: Path) -> list[dict]:
     from transformers import AutoModelForCausalLM
 
@@ -255,15 +286,17 @@ def part_real(args, target, model_dir, tokenizer, tmp: Path) -> list[dict]:
     prompts = humaneval_prompts(tokenizer, args.prompts, model_dir, args.prompt_format)
     n, k = args.new_tokens, args.real_k
     hf_target = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    int8 = load_draft("int8", target=target, target_dir=model_dir)
+    drafts = {spec: load_draft(spec, target=target, target_dir=model_dir) for spec in ("int8", "int4", "auto")}
     engines = {
         "slm target": ours_plain(target, n),
         "hf target": hf_run(hf_target, n),
         f"slm ngram K={k}": ours_spec(target, NgramDraft(), n, k),
         "slm ngram auto": ours_spec(target, NgramDraft(), n, "auto"),
         f"hf ngram K={k}": hf_run(hf_target, n, prompt_lookup_num_tokens=k),
-        f"slm int8 K={k}": ours_spec(target, int8, n, k),
-        "slm int8 auto": ours_spec(target, int8, n, "auto"),
+        "slm int8 auto": ours_spec(target, drafts["int8"], n, "auto"),
+        f"slm int4 K={k}": ours_spec(target, drafts["int4"], n, k),
+        "slm int4 auto": ours_spec(target, drafts["int4"], n, "auto"),
+        "slm auto auto": ours_spec(target, drafts["auto"], n, "auto"),  # lookup, else the int4 copy
     }
     if args.hf_int8:
         hf_q = torch.ao.quantization.quantize_dynamic(
@@ -285,7 +318,8 @@ def part_real(args, target, model_dir, tokenizer, tmp: Path) -> list[dict]:
             drafted = sum(s["drafted_tokens"] for s in st)
             row["acceptance"] = round(sum(s["accepted_tokens"] for s in st) / max(drafted, 1), 3)
             row["mean_k"] = round(statistics.mean(s["mean_k"] for s in st), 2)
-        hf_peer = {"ngram": f"hf ngram K={k}", "int8": f"hf dyn-int8 K={k}"}.get(name.split()[1] if eng == "slm" else "")
+        hf_peer = {"ngram": f"hf ngram K={k}", "int8": f"hf dyn-int8 K={k}", "int4": f"hf dyn-int8 K={k}",
+                   "auto": f"hf ngram K={k}"}.get(name.split()[1] if eng == "slm" else "")
         if hf_peer in res:
             row["hf_seconds_over_slm"] = round(res[hf_peer]["seconds"] / r["seconds"], 3)
         rows.append(row)
@@ -322,6 +356,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.part in ("controlled", "all"):
             part_controlled(args, full, model_dir, tokenizer, Path(tmp))
+            part_useless(args, full, model_dir, tokenizer, Path(tmp))
         if args.part in ("real", "all"):
             part_real(args, full, model_dir, tokenizer, Path(tmp))
     print(json.dumps({"loadavg": os.getloadavg(), "threads": args.threads}))

@@ -46,7 +46,7 @@ def test_report_has_the_table_and_findings(demo_run):
     work, first, _ = demo_run
     report = (work / "report.md").read_text()
     assert "| decoding | acceptance rate | tokens/s | speedup | pass@1 | same tokens as target |" in report
-    for row in ("target only", "trained draft (llama-16m)", "int8 self-draft", "prompt lookup", "auto"):
+    for row in ("target only", "trained draft (llama-16m)", "int4 self-draft", "prompt lookup", "auto"):
         assert f"| {row}" in report, row
     assert "## Findings" in report and "speculative.png" in report
     assert (work / "speculative.png").stat().st_size > 1000

@@ -66,22 +66,23 @@ def test_greedy_equals_target_greedy(target, drafts, kind):
             assert r.tokens == ref, (kind, prompt, k)
             assert r.stop_reason == "length"
             s = r.stats
-            if k == 0:
-                assert s["drafted_tokens"] == 0 and s["target_forwards"] == 24
+            if k == 0:  # the prefill gives the first token, each round one more
+                assert s["drafted_tokens"] == 0 and s["target_forwards"] == 23
             if kind == "right" and s["drafted_tokens"]:
                 assert s["acceptance_rate"] == 1.0
             if kind == "wrong":
-                assert s["accepted_tokens"] == 0 and s["target_forwards"] == 24
-            assert s["target_forwards"] * s["tokens_per_target_forward"] == pytest.approx(24)
+                assert s["accepted_tokens"] == 0 and s["target_forwards"] == 23
+            assert s["target_forwards"] * s["tokens_per_target_forward"] == pytest.approx(23)
 
 
 def test_full_accept_rounds_and_counters(target):
     r = speculative_generate(target, target, [5, 6, 7], 18, draft_tokens=4, stop_ids=[])
-    # 3 rounds of 4 drafts + 1 target token; the last round may draft only 2 (18 - 15 - 1).
+    # The prefill gives token 1; 3 rounds of 4 drafts + 1 target token; the last round may draft
+    # only 1 (18 - 16 - 1).
     assert r.stats["target_forwards"] == 4
-    assert r.stats["drafted_tokens"] == 4 + 4 + 4 + 2 and r.stats["accepted_tokens"] == 14
-    assert r.stats["mean_accepted"] == 14 / 4 and r.stats["tokens_per_target_forward"] == 18 / 4
-    assert r.stats["draft_forwards"] == 14  # one per drafted token: the cache catch-up rides along
+    assert r.stats["drafted_tokens"] == 4 + 4 + 4 + 1 and r.stats["accepted_tokens"] == 13
+    assert r.stats["mean_accepted"] == 13 / 4 and r.stats["tokens_per_target_forward"] == 17 / 4
+    assert r.stats["draft_forwards"] == 13  # one per drafted token: the cache catch-up rides along
 
 
 def test_stop_token_and_context_limit(target, drafts):
@@ -124,9 +125,10 @@ def test_model_draft_feeds_missing_tokens(target):
     forward = lm.forward
     lm.forward = lambda tokens, start, last_only=False: calls.append((len(tokens), start)) or forward(tokens, start, last_only)
     speculative_generate(target, ModelDraft(lm, 256), [5, 6, 7], 11, draft_tokens=4, stop_ids=[])
-    # round 1: the prompt at 0..2, then d1..d3 at 3..5; round 2 starts with d4 + the bonus token at 6, 7
-    assert calls[:4] == [(3, 0), (1, 3), (1, 4), (1, 5)]
-    assert calls[4] == (2, 6)
+    # the target's prefill gave token t1 (context of 4); round 1: the context at 0..3, then d1..d3
+    # at 4..6; round 2 starts with d4 + the bonus token at 7, 8
+    assert calls[:4] == [(4, 0), (1, 4), (1, 5), (1, 6)]
+    assert calls[4] == (2, 7)
 
 
 def test_ngram_draft_proposes_continuation():
@@ -310,3 +312,34 @@ def test_auto_schedule_carries_over_between_generations(target, drafts):
     assert first.stats["drafted_tokens"] >= 4
     assert second.stats["drafted_tokens"] < first.stats["drafted_tokens"]
     assert second.tokens == generate(target, [8, 9, 10], 40, stop_ids=[]).tokens
+
+
+def test_self_draft_shares_the_target_cache(target):
+    """`int4`/`int8`/`auto`: the target's quantized copy reads the target's KV cache, so it never
+    prefills the prompt or catches up: every proposal starts by feeding the one pending token."""
+    from slm.speculative import SelfDraft
+
+    for spec in ("int4", "int8"):
+        draft = load_draft(spec, target=target)
+        assert isinstance(draft, SelfDraft)
+        calls = []
+        forward = draft.lm.forward
+        draft.lm.forward = lambda tokens, start, last_only=False: calls.append(len(tokens)) or forward(tokens, start, last_only)
+        for prompt in _prompts(4, seed=3):
+            ref = generate(target, prompt, 20, stop_ids=[]).tokens
+            for k in (1, 3, "auto"):
+                assert speculative_generate(target, draft, prompt, 20, draft_tokens=k, stop_ids=[]).tokens == ref
+        assert calls and set(calls) == {1}
+    with pytest.raises(SlmError, match="another model"):
+        speculative_generate(_tiny(5), load_draft("int4", target=target), [3, 4, 5], 4)
+
+
+def test_adaptive_k_learns_per_evidence():
+    """Prompt lookup's evidence (the matched n-gram's length): long matches always right, short
+    ones always wrong. K grows for the first and falls to 0 for the second."""
+    s = AdaptiveK(k_start=4)
+    for r in range(300):
+        ev = 8 if r % 2 else 1
+        k = s.next_k(ev)
+        s.update(k, k if ev == 8 else 0, 1e-6 if k else None, k + 1, 1.0 + 0.05 * k, ev)
+    assert s.evidence[8].k >= 10 and s.evidence[1].k == 0

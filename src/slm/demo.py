@@ -196,9 +196,9 @@ def default_rows(cfg: DemoConfig, draft_dir: Path | None) -> list[Row]:
     if draft_dir is not None:
         rows.append(Row(f"trained draft ({cfg.draft_config})", str(draft_dir), cfg.draft_tokens))
     rows += [
-        Row("int8 self-draft", "int8", cfg.draft_tokens),
+        Row("int4 self-draft", "int4", cfg.draft_tokens),
         Row("prompt lookup", "ngram", cfg.draft_tokens),
-        Row("auto (lookup, else int8)", "auto", cfg.draft_tokens),
+        Row("auto (lookup, else int4)", "auto", cfg.draft_tokens),
     ]
     rows += [Row(f"draft {Path(d).name}", d, cfg.draft_tokens) for d in cfg.drafts]
     return rows

@@ -92,7 +92,9 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
         if self.kind == "hf":  # the Rust backend parallelises a batch
-            out = [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=False)]
+            # The "fast" variant skips character offsets (we never use them): same ids, less work.
+            encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
+            out = [e.ids for e in encode(texts, add_special_tokens=False)]
         else:  # SentencePiece threads a list unless told otherwise; see `threads`
             out = self._backend.Encode(texts, out_type=int, num_threads=self.threads or -1)
         pre = [self.bos_id] if bos and self.bos_id is not None else []

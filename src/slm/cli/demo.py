@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="AMD-135M's story on this machine: import the real SmolLM2-135M-Instruct (target), prepare "
         "the Python standard library as a code corpus, train a small code draft with `slm train` for a time "
         "budget, then decode the first HumanEval prompts greedily with the target alone and with each draft "
-        "(the trained draft, the target's own int8 copy, prompt lookup), execute the completions in the "
+        "(the trained draft, the target's own int4 copy, prompt lookup), execute the completions in the "
         "sandbox, and print a table (acceptance rate, tokens/s, speedup, pass@1) and write report.md with a "
         "plot. Re-runs reuse finished steps; an interrupted run resumes.",
     )

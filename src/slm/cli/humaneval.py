@@ -74,7 +74,7 @@ def register(subparsers) -> None:
     g.add_argument("--out", required=True, metavar="DIR", help="output directory")
     g.add_argument(
         "--draft", metavar="DRAFT",
-        help="speculative decoding with this draft: a model directory or .gguf, 'ngram' or 'int8'",
+        help="speculative decoding with this draft: a model directory or .gguf, 'ngram', 'int8', 'int4' or 'auto'",
     )  # fmt: skip
     g.add_argument("--draft-tokens", default="auto", metavar="K", help="tokens drafted per round, or 'auto' (default)")
     g.add_argument("--limit", type=int, metavar="N", help="only the first N problems")

@@ -35,8 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
     p.add_argument(
         "--draft", metavar="DRAFT", default=None,
-        help="speculative decoding: a draft model directory/.gguf, 'ngram' (prompt lookup) or 'int8' "
-        "(the target's own int8 copy); the output is the target's own (greedy) or distributed as it (sampling)",
+        help="speculative decoding: a draft model directory/.gguf, 'ngram' (prompt lookup), 'int8' or 'int4' "
+        "(the target's own quantized copy: int8, or int4 layers with an int8 lm_head) or 'auto' (prompt lookup, "
+        "else the int4 copy); the output is the target's own (greedy) or distributed as it (sampling)",
     )
     p.add_argument(
         "--draft-tokens", default="auto", metavar="K|auto",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,18 @@ class Proposal:
     # Seconds per proposed token in steady state (a catch-up forward over many tokens excluded,
     # so that one long catch-up does not make the draft look slow); None: not measured.
     step_seconds: float | None = None
+    # How promising the proposal looked before its length was chosen (prompt lookup: the length
+    # of the matched n-gram; a model draft: 0). AdaptiveK learns acceptance per value.
+    evidence: int = 0
+
+
+# A round's draft length: a number, or a function of the proposal's evidence (AdaptiveK's
+# choice, made once the draft knows how promising its proposal is, before it spends anything).
+DraftLength = int | Callable[[int], int]
+
+
+def _length(k: DraftLength, evidence: int) -> int:
+    return k(evidence) if callable(k) else k
 
 
 class Draft:
@@ -46,7 +59,11 @@ class Draft:
         """How many tokens this draft can propose after a context of this length."""
         return 1 << 30
 
-    def propose(self, context: list[int], k: int, sampling: SamplingParams, generator=None) -> Proposal:
+    def check_target(self, target) -> None:
+        """Raise SlmError if this draft cannot serve `target` (a CachedLM)."""
+
+    def propose(self, context: list[int], k: DraftLength, sampling: SamplingParams, generator=None) -> Proposal:
+        """Up to k tokens to follow `context` (k: a number, or a function of the evidence)."""
         raise NotImplementedError
 
 
@@ -94,7 +111,10 @@ class ModelDraft(Draft):
         q = logits_to_probs(logits, sampling)  # (width,)
         return int(sample(q, generator)), F.pad(q, (0, self.target_vocab - self.width))  # (V_target,)
 
-    def propose(self, context: list[int], k: int, sampling: SamplingParams, generator=None) -> Proposal:
+    def propose(self, context: list[int], k: DraftLength, sampling: SamplingParams, generator=None) -> Proposal:
+        k = _length(k, 0)
+        if k <= 0:
+            return Proposal([], None)
         n = len(context)
         valid = self._valid_prefix(context)
         steady = n - valid <= 2  # steady state feeds 1 token (2 after a full accept); more is a catch-up
@@ -116,12 +136,48 @@ class ModelDraft(Draft):
         return Proposal(tokens, None if sampling.greedy else torch.stack(probs), forwards=k, step_seconds=step_s)
 
 
+class SelfDraft(ModelDraft):
+    """The target's own quantized copy as a draft, reading and writing the target's KV cache.
+
+    Sharing is safe because the cache is written by position: at the start of a round the
+    target has written positions 0..n-2 (exact keys/values, better than the copy's own), the
+    draft writes n-1.. while proposing, and the target's verify forward then writes every
+    position from n-1 on before reading it. So the draft never prefills the prompt and never
+    catches up after rounds it sat out (prompt lookup rounds of `auto`, or K = 0): each round it
+    feeds just the pending token, then its own proposals."""
+
+    def __init__(self, draft_model, target_model):
+        from slm.speculative.lm import SlmLM
+
+        super().__init__(SlmLM(draft_model), target_model.config.vocab_size)
+        self.target_model = target_model
+
+    def reset(self, length: int) -> None:
+        # The target's cache must already hold `length` positions (the engine prepares it first).
+        target, draft = self.target_model, self.lm.model
+        if target.cache_len < length:
+            raise RuntimeError(f"the target's KV cache holds {target.cache_len} positions, {length} needed")
+        for mine, theirs in zip(draft.layers, target.layers):
+            mine.attention.kv_cache = theirs.attention.kv_cache
+        draft.cache_len = target.cache_len
+        self.fed, self.base = [], 0
+
+    def check_target(self, target) -> None:
+        if getattr(target, "model", None) is not self.target_model:
+            raise SlmError("this quantized self-draft was made from another model than the target it is asked to serve")
+
+    def _valid_prefix(self, context: list[int]) -> int:
+        return len(context) - 1  # everything before the pending token is in the target's cache
+
+
 class NgramDraft(Draft):
     """Prompt lookup: find the latest earlier occurrence of the context's last n tokens (longest n
-    first, n = max_ngram..1) and propose the tokens that followed it. No model, no cost; strong
-    when the output copies from the prompt (code, edits, quotations)."""
+    first, n = max_ngram..min_ngram) and propose the tokens that followed it. No model, no cost;
+    strong when the output copies from the prompt (code, edits, quotations). The matched length
+    n is the proposal's evidence: on HumanEval a 1-token match is right ~15% of the time, an
+    8-token one ~95%, so `AdaptiveK` drafts little after a short match and long after a long one."""
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+    def __init__(self, max_ngram: int = 8, min_ngram: int = 1):
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.reset(0)
 
@@ -136,24 +192,25 @@ class NgramDraft(Draft):
                 self.index[tuple(context[e - n : e])] = e
         self.indexed = max(self.indexed, end)
 
-    def propose(self, context: list[int], k: int, sampling: SamplingParams, generator=None) -> Proposal:
+    def propose(self, context: list[int], k: DraftLength, sampling: SamplingParams, generator=None) -> Proposal:
         t0, n = time.perf_counter(), len(context)
         self._index_upto(context, n - 1)  # everything but the suffix ending at n itself
-        tokens = []
         for size in range(min(self.max_ngram, n), self.min_ngram - 1, -1):
             end = self.index.get(tuple(context[n - size :]))
             if end is not None:
-                tokens = context[end : end + k]
-                break
-        return Proposal(tokens, None, step_seconds=(time.perf_counter() - t0) / max(len(tokens), 1))
+                tokens = context[end : end + max(_length(k, size), 0)]
+                step_s = (time.perf_counter() - t0) / max(len(tokens), 1)
+                return Proposal(tokens, None, step_seconds=step_s, evidence=size)
+        return Proposal([], None)
 
 
 class HybridDraft(Draft):
-    """`--draft auto`: prompt lookup where the context's last `min_ngram`+ tokens occurred before,
-    the model draft everywhere else. A lookup costs nothing to propose, so when code repeats
-    what is already there (names, signatures, boilerplate) the model's draft steps are saved; a
-    one-token match is too weak a signal to prefer over the model. The model draft's cache stays
-    correct across lookup rounds: its next proposal feeds whatever the context gained meanwhile."""
+    """`--draft auto`: prompt lookup where the context's last `min_ngram`+ tokens occurred before
+    and the schedule drafts for a match of that length, the model draft everywhere else. A
+    lookup costs nothing to propose, so when code repeats what is already there (names,
+    signatures, boilerplate) the model's draft steps are saved; a one-token match is too weak a
+    signal to prefer over the model. The model draft's cache stays correct across lookup
+    rounds: its next proposal feeds whatever the context gained meanwhile."""
 
     def __init__(self, lookup: NgramDraft, model: ModelDraft):
         self.lookup, self.model = lookup, model
@@ -162,10 +219,13 @@ class HybridDraft(Draft):
         self.lookup.reset(length)
         self.model.reset(length)
 
+    def check_target(self, target) -> None:
+        self.model.check_target(target)
+
     def max_tokens(self, context_len: int) -> int:
         return self.model.max_tokens(context_len)
 
-    def propose(self, context: list[int], k: int, sampling: SamplingParams, generator=None) -> Proposal:
+    def propose(self, context: list[int], k: DraftLength, sampling: SamplingParams, generator=None) -> Proposal:
         found = self.lookup.propose(context, k, sampling, generator)
         if found.tokens:
             return found
@@ -198,35 +258,40 @@ def _tokenizer(path: Path, what: str):
     return Tokenizer.load(path)
 
 
-def _int8_copy(target, spec: str):
+def _self_draft(target, spec: str):
+    """The target's own quantized copy: "int8" (int8 everywhere) or "int4" (slm.quantize.draft_copy)."""
     from slm.model import Transformer
 
     if not isinstance(target, Transformer):
-        raise SlmError(f"draft {spec!r} uses the target's own int8 copy, which needs an slm target model")
-    from slm.quantize import quantized_copy
+        raise SlmError(f"draft {spec!r} uses the target's own quantized copy, which needs an slm target model")
+    from slm.quantize import draft_copy, quantized_copy
 
-    return quantized_copy(target)
+    return quantized_copy(target) if spec == "int8" else draft_copy(target)
 
 
 def load_draft(spec: str, target, target_dir: str | os.PathLike | None = None) -> Draft:
     """Resolve a `--draft` value against the (already loaded) target.
 
     "ngram": prompt lookup. "int8": the target's own int8 weight-only copy (slm.quantize).
-    "auto": prompt lookup where a 2+-token n-gram matches, else the int8 copy (`HybridDraft`).
+    "int4": its copy with int4 decoder layers and an int8 lm_head (`slm.quantize.draft_copy`:
+    cheaper than int8, nearly as often right). "auto": prompt lookup where a 2+-token n-gram
+    matches, else the int4 copy (`HybridDraft`).
     "hf:DIR" or a transformers directory that slm cannot load: a transformers draft.
     Otherwise an slm model directory or .gguf file. Model drafts must share the target's tokenizer.
     """
     target_lm = as_lm(target)
     if spec == "ngram":
         return NgramDraft()
-    if spec in ("int8", "auto"):
-        model_draft = ModelDraft(as_lm(_int8_copy(target, spec)), target_lm.vocab_size)
-        return model_draft if spec == "int8" else HybridDraft(NgramDraft(min_ngram=2), model_draft)
+    if spec in ("int8", "int4", "auto"):
+        model_draft = SelfDraft(_self_draft(target, "int4" if spec == "auto" else spec), target)
+        return HybridDraft(NgramDraft(min_ngram=2), model_draft) if spec == "auto" else model_draft
 
     force_hf = spec.startswith("hf:")
     path = Path(spec[3:] if force_hf else spec)
     if not path.exists():
-        raise SlmError(f"draft {path}: no such file or directory (expected a model directory, a .gguf, 'ngram' or 'int8')")
+        raise SlmError(
+            f"draft {path}: no such file or directory (expected a model directory, a .gguf, 'ngram', 'int8', 'int4' or 'auto')"
+        )
     if not force_hf:
         from slm.weights import read_config, resolve_model_dir
 

@@ -21,7 +21,7 @@ import torch
 
 from slm.errors import SlmError
 from slm.generate import GenerationResult
-from slm.sampling import SamplingParams, logits_to_probs
+from slm.sampling import SamplingParams, logits_to_probs, next_token
 from slm.speculative.drafts import Draft, Proposal, as_draft
 from slm.speculative.lm import as_lm
 from slm.speculative.schedule import AdaptiveK, FixedK
@@ -101,7 +101,8 @@ def speculative_generate(
     draft_tokens: K tokens proposed per round (0 = plain decoding), or "auto" (adaptive).
     stats: acceptance_rate (accepted draft tokens / drafted tokens, as AMD defines it),
         mean_accepted (accepted draft tokens per target forward), tokens_per_target_forward
-        (including the target's own token), target_forwards (verify passes; the prefill is extra),
+        (including the target's own token), target_forwards (verify passes; the prefill is extra
+        and gives the first new token),
         draft_forwards, drafted_tokens, accepted_tokens, mean_k, draft_seconds, verify_seconds,
         accepted_per_round (accepted draft tokens in each round that drafted).
         tokens_per_second (prefill included, as `GenerationResult.tokens_per_second`).
@@ -115,6 +116,7 @@ def _generate(target, draft, prompt, max_new_tokens, sampling, draft_tokens, sto
               on_token) -> GenerationResult:
     target = as_lm(target)
     draft: Draft = as_draft(draft, target.vocab_size)
+    draft.check_target(target)
     prompt = list(prompt)
     if max_new_tokens < 0:
         raise SlmError(f"max-new-tokens must be >= 0, got {max_new_tokens}")
@@ -142,41 +144,13 @@ def _generate(target, draft, prompt, max_new_tokens, sampling, draft_tokens, sto
     t0 = time.perf_counter()
     target.prepare(len(prompt) + budget)
     draft.reset(len(prompt) + budget)
-    if budget > 0 and len(prompt) > 1:  # the last prompt token is verified with the first drafts
-        target.forward(prompt[:-1], 0, last_only=True)
-    prefill_s = time.perf_counter() - t0
+    c = dict(target_forwards=0, draft_forwards=0, drafted_tokens=0, accepted_tokens=0)
+    new: list[int] = []
 
-    context, new = prompt, []
-    c = dict(target_forwards=0, draft_forwards=0, drafted_tokens=0, accepted_tokens=0, k_sum=0)
-    draft_total = verify_total = 0.0
-    accepted_per_round: list[int] = []  # rounds that drafted: accepted draft tokens in each
-    while len(new) < budget:
-        n = len(context)
-        # K+1 tokens come out of a round: never draft past the budget or the draft's context.
-        k = max(0, min(schedule.next_k(), budget - len(new) - 1, draft.max_tokens(n)))
-        t1 = time.perf_counter()
-        proposal = draft.propose(context, k, sampling, generator) if k > 0 else Proposal([], None)
-        t2 = time.perf_counter()
-        drafts = proposal.tokens
-        logits = target.forward([context[-1]] + drafts, n - 1)  # (K+1, V)
-        if sampling.greedy:
-            accepted, extra = verify_greedy(logits, drafts)
-        else:
-            q = proposal.probs if proposal.probs is not None else _one_hot(drafts, target.vocab_size, logits.device)
-            accepted, extra = rejection_sample(logits_to_probs(logits, sampling), q, drafts, generator)
-        t3 = time.perf_counter()
-        schedule.update(len(drafts), accepted, proposal.step_seconds, len(drafts) + 1, t3 - t2)
-        draft_total, verify_total = draft_total + t2 - t1, verify_total + t3 - t2
-        c["target_forwards"] += 1
-        c["draft_forwards"] += proposal.forwards
-        c["drafted_tokens"] += len(drafts)
-        c["accepted_tokens"] += accepted
-        c["k_sum"] += k
-        if drafts:
-            accepted_per_round.append(accepted)
-
-        out = drafts[:accepted] + [extra]  # never past the budget: k <= budget - len(new) - 1
-        for tok in out:
+    def emit(tokens: list[int]) -> bool:
+        """Append the round's tokens to the output; True when a stop condition ended it."""
+        nonlocal reason
+        for tok in tokens:
             new.append(tok)
             if on_token is not None:
                 on_token(tok)
@@ -186,9 +160,50 @@ def _generate(target, draft, prompt, max_new_tokens, sampling, draft_tokens, sto
                 reason = "stop"
             else:
                 continue
-            break
-        if reason in ("eos", "stop"):
-            break
+            return True
+        return False
+
+    # The prefill scores the whole prompt, so its last logits give the first new token; then the
+    # round invariant holds (that token pending, everything before it cached).
+    done = budget == 0
+    if not done:
+        logits = target.forward(prompt, 0, last_only=True)  # (1, V)
+        done = emit([int(next_token(logits[-1], sampling, generator))])
+    from_prefill = len(new)
+    prefill_s = time.perf_counter() - t0
+
+    context = prompt + new
+    draft_total = verify_total = 0.0
+    accepted_per_round: list[int] = []  # rounds that drafted: accepted draft tokens in each
+    while not done and len(new) < budget:
+        n = len(context)
+        # K+1 tokens come out of a round: never draft past the budget or the draft's context.
+        cap = min(budget - len(new) - 1, draft.max_tokens(n))
+        t1 = time.perf_counter()
+        if cap > 0:
+            # The draft asks for its K once it knows its proposal's evidence (see AdaptiveK).
+            proposal = draft.propose(context, lambda ev: max(0, min(schedule.next_k(ev), cap)), sampling, generator)
+        else:
+            proposal = Proposal([], None)
+        t2 = time.perf_counter()
+        drafts = proposal.tokens
+        logits = target.forward([context[-1]] + drafts, n - 1)  # (K+1, V)
+        if sampling.greedy:
+            accepted, extra = verify_greedy(logits, drafts)
+        else:
+            q = proposal.probs if proposal.probs is not None else _one_hot(drafts, target.vocab_size, logits.device)
+            accepted, extra = rejection_sample(logits_to_probs(logits, sampling), q, drafts, generator)
+        t3 = time.perf_counter()
+        schedule.update(len(drafts), accepted, proposal.step_seconds, len(drafts) + 1, t3 - t2, proposal.evidence)
+        draft_total, verify_total = draft_total + t2 - t1, verify_total + t3 - t2
+        c["target_forwards"] += 1
+        c["draft_forwards"] += proposal.forwards
+        c["drafted_tokens"] += len(drafts)
+        c["accepted_tokens"] += accepted
+        if drafts:
+            accepted_per_round.append(accepted)
+        out = drafts[:accepted] + [extra]  # never past the budget: K <= budget - len(new) - 1
+        done = emit(out)
         context = context + out
 
     rounds = max(c["target_forwards"], 1)
@@ -196,12 +211,12 @@ def _generate(target, draft, prompt, max_new_tokens, sampling, draft_tokens, sto
         "draft_tokens": draft_tokens,
         "acceptance_rate": c["accepted_tokens"] / c["drafted_tokens"] if c["drafted_tokens"] else 0.0,
         "mean_accepted": c["accepted_tokens"] / rounds,
-        "tokens_per_target_forward": len(new) / rounds,
+        "tokens_per_target_forward": (len(new) - from_prefill) / rounds,
         "target_forwards": c["target_forwards"],
         "draft_forwards": c["draft_forwards"],
         "drafted_tokens": c["drafted_tokens"],
         "accepted_tokens": c["accepted_tokens"],
-        "mean_k": c["k_sum"] / rounds,
+        "mean_k": c["drafted_tokens"] / rounds,
         "draft_seconds": round(draft_total, 4),
         "verify_seconds": round(verify_total, 4),
         "accepted_per_round": accepted_per_round,
