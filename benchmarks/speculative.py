@@ -55,7 +55,7 @@ def log(*a):
 
 def interleaved(engines: dict, prompts: list, repeats: int) -> dict:
     """engines: name -> fn(prompt) -> (tokens, stats). One warm-up each, then `repeats` rounds of
-    every engine on every prompt in turn. -> name -> {"seconds": median total over the prompts,
+    every engine on every prompt in turn (in reverse order on odd rounds). -> name -> {"seconds": median total over the prompts,
     "tokens": per prompt, "stats": per prompt (last round)}."""
     for fn in engines.values():
         fn(prompts[0])
@@ -63,8 +63,11 @@ def interleaved(engines: dict, prompts: list, repeats: int) -> dict:
     out = {name: {"tokens": [], "stats": []} for name in engines}
     for r in range(repeats):
         totals = dict.fromkeys(engines, 0.0)
+        # Odd rounds run the engines in reverse order: whoever runs first after another engine
+        # (caches, clocks) gets no systematic edge.
+        order = list(engines.items()) if r % 2 == 0 else list(engines.items())[::-1]
         for i, prompt in enumerate(prompts):
-            for name, fn in engines.items():
+            for name, fn in order:
                 t0 = time.perf_counter()
                 toks, stats = fn(prompt)
                 totals[name] += time.perf_counter() - t0
@@ -254,26 +257,34 @@ def part_controlled(args, full, model_dir, tokenizer, tmp: Path) -> list[dict]:
 def part_useless(args, full, model_dir, tokenizer, tmp: Path) -> list[dict]:
     """A useless draft: the real SmolLM2 drafted for by its own first --draft-layers layers (they
     agree with it on a few % of tokens). `auto` must back off to plain decoding: never slower than
-    target-only. transformers' own adaptive schedule ("heuristic": +2 after a full accept, -1
-    otherwise) is the peer."""
+    target-only. Two cases: the draft object kept across generations (as `slm humaneval` and
+    `slm demo` keep it: what auto learned carries over) and a fresh draft per generation (each
+    generation pays for finding out: the draft's prefill and a few probes). transformers' own
+    adaptive schedule ("heuristic": +2 after a full accept, -1 otherwise) is the peer."""
+    from slm.speculative import ModelDraft, as_lm
+
     prompts = [p[-args.controlled_prompt_tokens :] for p in
-               humaneval_prompts(tokenizer, args.controlled_prompts, model_dir, args.prompt_format)]
+               humaneval_prompts(tokenizer, max(3, args.controlled_prompts), model_dir, args.prompt_format)]
     n = args.controlled_tokens
     draft, _ = controlled_pair(full, args.draft_layers, 0.0)
     hf_draft, hf_target = to_hf(draft, tmp, "draft"), to_hf(full, tmp, "target")
-    engines = {"slm target": ours_plain(full, n), "slm auto": ours_spec(full, draft, n, "auto"),
-               "hf target": hf_run(hf_target, n),
+    kept = ModelDraft(as_lm(draft), full.config.vocab_size)
+    engines = {"slm target": ours_plain(full, n), "slm auto kept": ours_spec(full, kept, n, "auto"),
+               "slm auto fresh": ours_spec(full, draft, n, "auto"), "hf target": hf_run(hf_target, n),
                "hf heuristic": hf_run(hf_target, n, assistant_model=hf_draft, num_assistant_tokens_schedule="heuristic")}
     log(f"part 1, useless draft: {len(engines)} engines x {len(prompts)} prompts x {args.repeats} rounds")
     res = interleaved(engines, prompts, args.repeats)
-    for eng, spec in (("slm", "slm auto"), ("hf", "hf heuristic")):
+    for spec in engines:
+        eng = spec.split()[0]
         assert res[spec]["tokens"] == res[f"{eng} target"]["tokens"], f"{spec}: output differs from target-only greedy"
-    st = res["slm auto"]["stats"]
-    row = {"part": "controlled", "target": "useless draft", "K": "auto",
-           "acceptance": round(sum(s["accepted_tokens"] for s in st) / max(sum(s["drafted_tokens"] for s in st), 1), 3),
-           "slm_mean_k": round(statistics.mean(s["mean_k"] for s in st), 3),
-           "slm_speedup": round(res["slm target"]["seconds"] / res["slm auto"]["seconds"], 3),
-           "hf_heuristic_speedup": round(res["hf target"]["seconds"] / res["hf heuristic"]["seconds"], 3)}
+    row = {"part": "controlled", "target": "useless draft", "K": "auto"}
+    for spec in ("slm auto kept", "slm auto fresh"):
+        st = res[spec]["stats"]
+        key = spec.split()[-1]
+        row[f"{key}_acceptance"] = round(sum(s["accepted_tokens"] for s in st) / max(sum(s["drafted_tokens"] for s in st), 1), 3)
+        row[f"{key}_drafted_per_generation"] = round(statistics.mean(s["drafted_tokens"] for s in st), 1)
+        row[f"slm_{key}_speedup"] = round(res["slm target"]["seconds"] / res[spec]["seconds"], 3)
+    row["hf_heuristic_speedup"] = round(res["hf target"]["seconds"] / res["hf heuristic"]["seconds"], 3)
     print(json.dumps(row), flush=True)
     return [row]
 
@@ -329,7 +340,8 @@ def part_real(args, target, model_dir, tokenizer, tmp: Path) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["controlled", "real", "all"], default="all")
+    ap.add_argument("--part", choices=["controlled", "useless", "real", "all"], default="all",
+                    help="controlled: the controlled pairs and the useless draft; useless: only the latter")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: on a loaded shared machine 2 threads ran 10x slower)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds after the warm-up (median)")
     ap.add_argument("--ks", type=int, nargs="+", default=[3, 5, 8], help="part 1: constant draft lengths")
@@ -356,6 +368,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.part in ("controlled", "all"):
             part_controlled(args, full, model_dir, tokenizer, Path(tmp))
+        if args.part in ("controlled", "useless", "all"):
             part_useless(args, full, model_dir, tokenizer, Path(tmp))
         if args.part in ("real", "all"):
             part_real(args, full, model_dir, tokenizer, Path(tmp))

@@ -309,7 +309,7 @@ def test_auto_schedule_carries_over_between_generations(target, drafts):
     first = speculative_generate(target, draft, [5, 6, 7], 40, draft_tokens="auto", stop_ids=[])
     second = speculative_generate(target, draft, [8, 9, 10], 40, draft_tokens="auto", stop_ids=[])
     assert first.stats["accepted_tokens"] == second.stats["accepted_tokens"] == 0
-    assert first.stats["drafted_tokens"] >= 4
+    assert first.stats["drafted_tokens"] >= 2  # the first drafted round (K = k_start = 2) at least
     assert second.stats["drafted_tokens"] < first.stats["drafted_tokens"]
     assert second.tokens == generate(target, [8, 9, 10], 40, stop_ids=[]).tokens
 

@@ -59,9 +59,11 @@ class _Evidence:
 @dataclass
 class AdaptiveK:
     k_max: int = 16
-    k_start: int = 4
+    # 2, not 1: a model draft's first round is a catch-up (its prefill), so only its second
+    # drafted token measures what a draft step costs; a good draft then grows K fast.
+    k_start: int = 2
     decay: float = 0.85  # weight of the past in each moving average, per round
-    probe_min: int = 8  # rounds at K = 0 before the first probe; doubles after each probe that fails
+    probe_min: int = 16  # rounds at K = 0 before the first probe; doubles after each probe that fails
     probe_max: int = 256
     min_gain: float = 1.05  # predicted speedup over plain decoding needed to draft at all
     verify_s: dict[int, float] = field(default_factory=dict)  # tokens verified -> seconds per verify forward
