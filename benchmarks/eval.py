@@ -72,6 +72,7 @@ def main() -> int:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    from slm.eval.loglikelihood import RequestEncoder
     from slm.eval.run import build_items, evaluate
     from slm.weights import load_model
 
@@ -93,7 +94,8 @@ def main() -> int:
     )
     task_manager = TaskManager(include_path=str(work / "tasks"))
     hf = HFLM(pretrained=args.model, dtype="float32", device="cpu", batch_size=args.batch_size * n_choices)
-    ours_model = load_model(args.model)
+    # Both keep their weights and tokenizer across runs (lm_eval's HFLM object holds both).
+    ours_model, ours_encoder = load_model(args.model), RequestEncoder.for_model_dir(args.model)
 
     def run_lm_eval():
         return lm_eval.simple_evaluate(model=hf, tasks=[f"bench_{args.task}"], task_manager=task_manager,
@@ -101,7 +103,7 @@ def main() -> int:
 
     def run_slm():
         return evaluate(args.model, [args.task], data_dir=args.data_dir, limit=args.limit,
-                        batch_size=args.batch_size, bootstrap_iters=0, model=ours_model)[0]
+                        batch_size=args.batch_size, bootstrap_iters=0, model=ours_model, encoder=ours_encoder)[0]
 
     print(f"task {args.task}: {len(items)} items from {source}; model {args.model}; "
           f"torch threads {torch.get_num_threads()}", file=sys.stderr)

@@ -348,7 +348,9 @@ def main() -> None:
     ap.add_argument("--draft-layers", type=int, default=8, help="part 1: layers of SmolLM2 kept in the draft")
     ap.add_argument("--noise", type=float, default=0.003, help="part 1: std of the appended wo/w2 in the noisy pair")
     ap.add_argument("--controlled-prompts", type=int, default=1)
-    ap.add_argument("--controlled-tokens", type=int, default=64, help="part 1: new tokens per prompt")
+    ap.add_argument("--controlled-tokens", type=int, default=128,
+                    help="part 1: new tokens per prompt (the prediction is for steady state: a short generation's "
+                    "draft prefill and last, truncated round weigh more)")
     ap.add_argument("--controlled-prompt-tokens", type=int, default=24, help="part 1: last N tokens of each prompt")
     ap.add_argument("--prompts", type=int, default=2, help="part 2: first N HumanEval prompts (full run: 20)")
     ap.add_argument("--new-tokens", type=int, default=48, help="part 2: new tokens per prompt (full run: 128)")

@@ -14,7 +14,8 @@ def run(*args):
 
 
 def test_generate_json(tiny_model_dir):
-    r = run("generate", str(tiny_model_dir), "--prompt", "def add(a, b):", "--max-new-tokens", "8", "--json")
+    r = run("generate", str(tiny_model_dir), "--prompt", "def add(a, b):", "--max-new-tokens", "8", "--json",
+            "--threads", "1")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert {"text", "tokens", "new_tokens", "seconds", "tokens_per_second"} <= out.keys()
@@ -34,6 +35,7 @@ def test_generate_text_is_the_completion_only(tiny_model_dir):
         (["--temperature", "-1"], "temperature must be"),
         (["--top-p", "2"], "top-p must be in"),
         (["--prompt", "x" * 2000], "but the model's context is 128"),
+        (["--threads", "0"], "--threads must be >= 1"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tiny_model_dir, args, message):

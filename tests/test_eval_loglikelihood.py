@@ -79,6 +79,38 @@ def test_batches_are_longest_first_and_bounded():
     assert flat == sorted(flat, reverse=True)
 
 
+def test_batches_are_the_cheapest_split():
+    """The dynamic programme against every split of the sorted rows into runs of <= batch_size."""
+    import itertools
+
+    from slm.eval.loglikelihood import _FORWARD_COST_TOKENS
+
+    def cost(batches, lengths):
+        return sum(len(b) * max(lengths[i] for i in b) + _FORWARD_COST_TOKENS for b in batches)
+
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        lengths = torch.randint(1, 60, (8,), generator=rng).tolist()
+        ls = sorted(lengths, reverse=True)
+        best = min(
+            sum(len(r) * r[0] + _FORWARD_COST_TOKENS for r in runs)
+            for cuts in itertools.product([False, True], repeat=len(ls) - 1)
+            for runs in [_runs(ls, cuts)]
+            if all(len(r) <= 3 for r in runs)
+        )
+        assert cost(make_batches(lengths, batch_size=3), lengths) == best
+
+
+def _runs(xs, cuts):
+    runs, cur = [], [xs[0]]
+    for x, cut in zip(xs[1:], cuts):
+        if cut:
+            runs.append(cur)
+            cur = []
+        cur.append(x)
+    return runs + [cur]
+
+
 def test_bos_rule_matches_transformers(model_dirs):
     transformers = pytest.importorskip("transformers")
     for bos, d in model_dirs.items():

@@ -45,6 +45,8 @@ def test_every_layout_reads_the_same_documents(tmp_path):
         docs, source = load_documents("arc_challenge", spec, root)
         assert docs == rows, first
         assert first.split("/")[-1] in source
+        for limit in (1, 2, len(rows) + 1):  # --limit reads only the first rows, across shards too
+            assert load_documents("arc_challenge", spec, root, limit)[0] == rows[:limit], (first, limit)
 
 
 def test_piqa_original_release_format():
@@ -52,6 +54,7 @@ def test_piqa_original_release_format():
     labels = (FIXTURES / "piqa" / "valid-labels.lst").read_text().split()
     assert [d["label"] for d in docs] == [int(x) for x in labels]
     assert docs[1]["goal"] == "dresser"
+    assert load_documents("piqa", get_task("piqa").dataset, FIXTURES, limit=2)[0] == docs[:2]
 
 
 def test_missing_data_says_which_files_to_put_where(tmp_path, monkeypatch):
@@ -65,6 +68,8 @@ def test_missing_data_says_which_files_to_put_where(tmp_path, monkeypatch):
     (tmp_path / "piqa" / "valid-labels.lst").write_text("0\n1\n")
     with pytest.raises(SlmError, match="2 labels for 5 documents"):
         load_documents("piqa", get_task("piqa").dataset, tmp_path)
+    with pytest.raises(SlmError, match="2 labels for 5 documents"):  # the whole files, not the first 2 rows
+        load_documents("piqa", get_task("piqa").dataset, tmp_path, limit=2)
     with pytest.raises(SlmError, match="unknown task 'mmlu'"):
         get_task("mmlu")
 

@@ -9,6 +9,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from slm.cli import add_threads_argument, apply_threads
+
 _TASKS = "sciq, winogrande, piqa, arc_easy, arc_challenge, hellaswag, lambada_openai"
 
 
@@ -29,11 +31,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, metavar="N", help="score only the first N items per task")
     p.add_argument(
         "--batch-size", type=int, default=16, metavar="B",
-        help="items (a question with all its choices) per forward pass (default 16); batches of the "
-        "longest items hold fewer, at most B x the median item length in tokens",
+        help="items (a question with all its choices) per forward pass, at most (default 16); items are "
+        "sorted by length and split into batches with the least padding",
     )
     p.add_argument("--json", metavar="OUT", default=None, help="also write the results (and per-item scores) as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_threads_argument(p)
     p.set_defaults(func=_eval)
 
 
@@ -46,6 +49,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise SlmError("--tasks: give at least one task")
     if args.limit is not None and args.limit < 1:
         raise SlmError(f"--limit must be >= 1, got {args.limit}")
+    apply_threads(args)
     progress = sys.stderr.isatty() and not args.quiet
     results = evaluate(args.model, tasks, data_dir=args.data_dir, limit=args.limit,
                        batch_size=args.batch_size, progress=progress)

@@ -9,6 +9,8 @@ import argparse
 import json
 import sys
 
+from slm.cli import add_threads_argument, apply_threads
+
 _COMMANDS = ("generate", "score")
 _EPILOG = """\
 commands:
@@ -89,6 +91,7 @@ def register(subparsers) -> None:
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     g.add_argument("--no-execute", action="store_true", help="only write samples.jsonl (score it later)")
     _add_execution_args(g)
+    add_threads_argument(g)
     g.set_defaults(func=_generate)
 
     s = sub.add_parser(
@@ -145,6 +148,7 @@ def _generate(args: argparse.Namespace) -> int:
     from slm.sampling import SamplingParams
     from slm.speculative import parse_draft_tokens
 
+    apply_threads(args)
     ks = _ks(args.k)
     settings = GenerationSettings(
         samples_per_task=args.samples_per_task,

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from slm.cli import add_threads_argument, apply_threads
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -45,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--quantize", choices=["int8"], default=None, help="run the model with int8 weights (faster on CPU)")
     p.add_argument("--json", action="store_true", help="print one JSON object (text, tokens, timing) instead of text")
+    add_threads_argument(p)
     p.set_defaults(func=_generate)
 
 
@@ -73,6 +76,8 @@ class _TextStream:
 
 def _generate(args: argparse.Namespace) -> int:
     import torch
+
+    apply_threads(args)
 
     from slm.generate import generate
     from slm.sampling import SamplingParams

@@ -79,6 +79,8 @@ _worker: dict = {}
 
 
 def _init_worker(tokenizer_path: str, read: ReadOptions, val_fraction: float) -> None:
+    if _worker.get("key") == (tokenizer_path, read, val_fraction):
+        return  # set up in the parent before the pool forked (see `_results`)
     # One tokenizer per process; its own threads would only fight the other workers.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from slm.tokenizer import Tokenizer
@@ -86,7 +88,8 @@ def _init_worker(tokenizer_path: str, read: ReadOptions, val_fraction: float) ->
     tok = Tokenizer.load(tokenizer_path)
     tok.parse_special_tokens(False)  # a document quoting "</s>" is text, not an EOS
     tok.threads = 1
-    _worker.update(tok=tok, read=read, val_fraction=val_fraction, dtype=token_dtype(tok.vocab_size))
+    _worker.update(tok=tok, read=read, val_fraction=val_fraction, dtype=token_dtype(tok.vocab_size),
+                   key=(tokenizer_path, read, val_fraction))
 
 
 def is_val(text: str, val_fraction: float) -> bool:
@@ -99,7 +102,8 @@ def is_val(text: str, val_fraction: float) -> bool:
 
 def _process_unit(unit: WorkUnit) -> UnitResult:
     tok, read, val_fraction = _worker["tok"], _worker["read"], _worker["val_fraction"]
-    ids: dict[str, list[list[int]]] = {s: [] for s in SPLITS}
+    ids: dict[str, list[int]] = {s: [] for s in SPLITS}  # flat: one list per split, documents back to back
+    docs = dict.fromkeys(SPLITS, 0)
     skips: list[Skip] = []
     text_chars = 0
     batch: list[Doc] = []
@@ -108,7 +112,9 @@ def _process_unit(unit: WorkUnit) -> UnitResult:
     def flush() -> None:
         for doc, doc_ids in zip(batch, _encode(tok, batch, skips)):
             if doc_ids is not None:
-                ids["val" if is_val(doc.text, val_fraction) else "train"].append(doc_ids)
+                split = "val" if is_val(doc.text, val_fraction) else "train"
+                ids[split] += doc_ids
+                docs[split] += 1
         batch.clear()
 
     for item in read_unit(unit, read):
@@ -123,8 +129,8 @@ def _process_unit(unit: WorkUnit) -> UnitResult:
             chars = 0
     flush()
     dtype = _worker["dtype"]
-    tokens = {s: np.fromiter(itertools.chain.from_iterable(ids[s]), dtype=dtype) for s in SPLITS}
-    return UnitResult(unit.source, tokens, {s: len(ids[s]) for s in SPLITS}, text_chars, skips)
+    tokens = {s: np.array(ids[s], dtype=dtype) for s in SPLITS}
+    return UnitResult(unit.source, tokens, docs, text_chars, skips)
 
 
 def _encode(tok, docs: list[Doc], skips: list[Skip]) -> list[list[int] | None]:
@@ -245,7 +251,10 @@ def _results(cfg: PrepareConfig, units: list[WorkUnit], init_args: tuple):
         for u in units:
             yield _process_unit(u)
         return
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    fork = "fork" in mp.get_all_start_methods()
+    if fork:  # load the tokenizer once here: the forked workers inherit it instead of each loading it
+        _init_worker(*init_args)
+    ctx = mp.get_context("fork" if fork else "spawn")
     with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=init_args) as pool:
         queue: deque = deque()
         todo = iter(units)

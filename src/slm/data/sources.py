@@ -30,7 +30,7 @@ from pathlib import Path
 from slm.errors import SlmError
 
 KINDS = ("slimpajama", "gutenberg", "parquet", "code", "text")
-_UNIT_BYTES = 1 << 20  # input bytes per work unit: small enough to balance workers and bound memory
+_UNIT_BYTES = 1 << 18  # input bytes per work unit: small, so that workers finish together and memory stays bounded
 
 
 @dataclass(frozen=True)

@@ -32,13 +32,17 @@ class DatasetSpec:
     original: tuple[tuple[str, str], ...] = ()
 
 
-def read_records(path: Path) -> list[dict]:
-    """All rows of a .jsonl/.json/.parquet file as dicts."""
+def read_records(path: Path, limit: int | None = None) -> list[dict]:
+    """The rows of a .jsonl/.json/.parquet file as dicts: all, or the first `limit`.
+
+    With a limit only those rows are parsed: `--limit 100` on a large split should not pay for
+    converting every row (1,838 PIQA lines parse in ~0.2 s, a noticeable share of a short run)."""
     try:
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            return pq.read_table(path).to_pylist()
+            table = pq.read_table(path)
+            return (table if limit is None else table.slice(0, limit)).to_pylist()
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise SlmError(f"{path}: cannot read ({e})") from None
@@ -46,12 +50,14 @@ def read_records(path: Path) -> list[dict]:
         raise SlmError(f"{path}: not a readable parquet file ({e})") from None
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
-            rows = json.loads(text)
+            rows = json.loads(text)[:limit]
         except json.JSONDecodeError as e:
             raise SlmError(f"{path}: not valid JSON ({e})") from None
     else:
         rows = []
         for i, line in enumerate(text.splitlines(), 1):
+            if limit is not None and len(rows) >= limit:
+                break
             if not line.strip():
                 continue
             try:
@@ -80,12 +86,13 @@ def candidate_dirs(data_dir: Path, task: str, spec: DatasetSpec) -> list[Path]:
     return list(dict.fromkeys(dirs))  # de-duplicated, in order
 
 
-def _read_original(folder: Path, docs_name: str, labels_name: str) -> list[dict]:
+def _read_original(folder: Path, docs_name: str, labels_name: str, limit: int | None) -> list[dict]:
     docs_path, labels_path = folder / docs_name, folder / labels_name
-    docs = read_records(docs_path)
+    docs = read_records(docs_path, limit)
     labels = [line.strip() for line in labels_path.read_text().splitlines() if line.strip()]
-    if len(labels) != len(docs):
-        raise SlmError(f"{labels_path}: {len(labels)} labels for {len(docs)} documents in {docs_path}")
+    n_docs = sum(1 for line in docs_path.read_text(encoding="utf-8").splitlines() if line.strip())
+    if len(labels) != n_docs:  # checked on the whole files, also when only the first rows are read
+        raise SlmError(f"{labels_path}: {len(labels)} labels for {n_docs} documents in {docs_path}")
     for i, (doc, label) in enumerate(zip(docs, labels), 1):
         if not label.lstrip("-").isdigit():
             raise SlmError(f"{labels_path}:{i}: label {label!r} is not an integer")
@@ -93,7 +100,7 @@ def _read_original(folder: Path, docs_name: str, labels_name: str) -> list[dict]
     return docs
 
 
-def _from_datasets_cache(spec: DatasetSpec) -> list[dict] | None:
+def _from_datasets_cache(spec: DatasetSpec, limit: int | None) -> list[dict] | None:
     """Rows from the Hugging Face `datasets` cache, if that dataset was downloaded before."""
     cache = Path(os.environ.get("HF_DATASETS_CACHE", Path.home() / ".cache" / "huggingface" / "datasets"))
     if not (cache / spec.hf_path.replace("/", "___")).is_dir():
@@ -105,11 +112,15 @@ def _from_datasets_cache(spec: DatasetSpec) -> list[dict] | None:
         ds = datasets.load_dataset(spec.hf_path, spec.hf_name, split=spec.split)
     except Exception:  # a partial or foreign cache entry: fall through to the missing-data message
         return None
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
     return [dict(r) for r in ds]
 
 
-def load_documents(task: str, spec: DatasetSpec, data_dir: str | os.PathLike | None) -> tuple[list[dict], str]:
-    """The task's documents and a description of where they came from."""
+def load_documents(
+    task: str, spec: DatasetSpec, data_dir: str | os.PathLike | None, limit: int | None = None
+) -> tuple[list[dict], str]:
+    """The task's documents (all, or the first `limit`) and a description of where they came from."""
     tried = []
     if data_dir is not None:
         data_dir = Path(data_dir)
@@ -118,13 +129,17 @@ def load_documents(task: str, spec: DatasetSpec, data_dir: str | os.PathLike | N
         for folder in candidate_dirs(data_dir, task, spec):
             files = _split_files(folder, spec.split)
             if files:
-                rows = [r for f in files for r in read_records(f)]
+                rows = []
+                for f in files:  # shards in order: the first `limit` rows of the split
+                    rows += read_records(f, None if limit is None else limit - len(rows))
+                    if limit is not None and len(rows) >= limit:
+                        break
                 return rows, ", ".join(str(f) for f in files)
             for docs_name, labels_name in spec.original:
                 if (folder / docs_name).is_file() and (folder / labels_name).is_file():
-                    return _read_original(folder, docs_name, labels_name), str(folder / docs_name)
+                    return _read_original(folder, docs_name, labels_name, limit), str(folder / docs_name)
         tried = [str(data_dir / task)]
-    rows = _from_datasets_cache(spec)
+    rows = _from_datasets_cache(spec, limit)
     if rows is not None:
         return rows, f"datasets cache: {spec.hf_path} {spec.hf_name or ''} {spec.split}".replace("  ", " ")
     where = f"{tried[0]}/" if tried else "DIR/" + task + "/ (and pass --data-dir DIR)"

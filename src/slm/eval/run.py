@@ -24,9 +24,7 @@ class TaskResult:
 
 def build_items(task_name: str, data_dir, limit: int | None) -> tuple[list[Item], str]:
     task = get_task(task_name)
-    docs, source = load_documents(task.name, task.dataset, data_dir)
-    if limit is not None:
-        docs = docs[:limit]  # lm_eval's --limit: the first N documents
+    docs, source = load_documents(task.name, task.dataset, data_dir, limit)  # lm_eval's --limit: the first N
     if not docs:
         raise SlmError(f"{task.name}: no documents in {source}")
     items = []
@@ -50,8 +48,12 @@ def evaluate(
     progress: bool = False,
     bootstrap_iters: int = 100_000,
     model=None,
+    encoder=None,
 ) -> list[TaskResult]:
-    """Score `tasks` zero-shot with the model in `model_dir` (or an already loaded `model` from it)."""
+    """Score `tasks` zero-shot with the model in `model_dir`.
+
+    `model` and `encoder` (a `RequestEncoder`): already loaded from `model_dir`, for callers that
+    evaluate several times (as lm_eval's model object keeps its weights and tokenizer)."""
     from slm.eval.loglikelihood import RequestEncoder, loglikelihoods
 
     if batch_size < 1:
@@ -63,7 +65,8 @@ def evaluate(
         from slm.weights import load_model
 
         model = load_model(model_dir)
-    encoder = RequestEncoder.for_model_dir(model_dir)
+    if encoder is None:
+        encoder = RequestEncoder.for_model_dir(model_dir)
     out = []
     for name, (items, source) in task_items.items():
         task = get_task(name)
