@@ -234,7 +234,9 @@ def part_controlled(args, full, model_dir, tokenizer, tmp: Path) -> list[dict]:
         for k in args.ks:
             st = res[f"slm K={k}"]["stats"]
             rate = sum(s["accepted_tokens"] for s in st) / sum(s["drafted_tokens"] for s in st)
-            per_round = sum(len(t) for t in res[f"slm K={k}"]["tokens"]) / sum(s["target_forwards"] for s in st)
+            # Tokens per verify round (the first new token comes from the prefill, not from a round).
+            per_round = sum(s["tokens_per_target_forward"] * s["target_forwards"] for s in st) / sum(
+                s["target_forwards"] for s in st)
             a = 1.0 if rate == 1.0 else alpha_from_rounds(per_round, k)
             row = {"part": "controlled", "target": label, "K": k, "acceptance": round(rate, 3), "alpha": round(a, 3)}
             for eng in ("slm", "hf"):
