@@ -206,14 +206,19 @@ def verify_cost(lm, prompt: list[int], ks: list[int], repeats: int = 15) -> dict
 # --- the two parts -------------------------------------------------------------------------------
 
 
+def short_prompts(args, tokenizer, model_dir, count: int) -> list[list[int]]:
+    """Part 1's prompts: the last --controlled-prompt-tokens of each HumanEval prompt. Part 1
+    measures decoding; a long prefill (the same work for every engine, plus the draft's own)
+    would only dilute every speedup."""
+    return [p[-args.controlled_prompt_tokens :] for p in
+            humaneval_prompts(tokenizer, count, model_dir, args.prompt_format)]
+
+
 def part_controlled(args, full, model_dir, tokenizer, tmp: Path) -> list[dict]:
     from slm.speculative import SlmLM
     from slm.speculative.hf import HFLM
 
-    # Short prompts: part 1 measures decoding; a long prefill (the same work for every engine,
-    # plus the draft's own) would only dilute every speedup.
-    prompts = [p[-args.controlled_prompt_tokens :] for p in
-               humaneval_prompts(tokenizer, args.controlled_prompts, model_dir, args.prompt_format)]
+    prompts = short_prompts(args, tokenizer, model_dir, args.controlled_prompts)
     n = args.controlled_tokens
     rows = []
     for label, noise in (("zero", 0.0), (f"noise {args.noise:g}", args.noise)):
@@ -265,8 +270,7 @@ def part_useless(args, full, model_dir, tokenizer, tmp: Path) -> list[dict]:
     adaptive schedule ("heuristic": +2 after a full accept, -1 otherwise) is the peer."""
     from slm.speculative import ModelDraft, as_lm
 
-    prompts = [p[-args.controlled_prompt_tokens :] for p in
-               humaneval_prompts(tokenizer, max(3, args.controlled_prompts), model_dir, args.prompt_format)]
+    prompts = short_prompts(args, tokenizer, model_dir, max(3, args.controlled_prompts))
     n = args.controlled_tokens
     draft, _ = controlled_pair(full, args.draft_layers, 0.0)
     hf_draft, hf_target = to_hf(draft, tmp, "draft"), to_hf(full, tmp, "target")

@@ -52,14 +52,28 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-def quantize_int8(model: Transformer) -> Transformer:
-    """Replace every nn.Linear of `model` (in place) by an Int8Linear; embeddings and norms stay fp32."""
+def _replace_linears(model: Transformer, make) -> Transformer:
+    """Replace every nn.Linear of `model` (in place) by make(name, weight)."""
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Int8Linear.from_float(linear.weight))
+        setattr(parent, child, make(name, linear.weight))
     return model
+
+
+def quantize_int8(model: Transformer) -> Transformer:
+    """Replace every nn.Linear of `model` (in place) by an Int8Linear; embeddings and norms stay fp32."""
+    return _replace_linears(model, lambda name, weight: Int8Linear.from_float(weight))
+
+
+def _shared_copy(model: Transformer) -> Transformer:
+    """A second Transformer over the same tensors: build_model adopts them (no copy), so only the
+    linears the caller then replaces (and the copy's own KV cache) cost memory."""
+    from slm.weights import build_model
+
+    shared = {k: v for k, v in model.state_dict().items()}
+    return build_model(model.config, shared, device=model.tok_embeddings.weight.device)
 
 
 def quantized_copy(model: Transformer) -> Transformer:
@@ -67,12 +81,7 @@ def quantized_copy(model: Transformer) -> Transformer:
 
     The copy shares the embeddings and norms with `model` (no second fp32 copy) and owns only
     its int8 linears and its own KV cache; `model` itself is left unchanged."""
-    from slm.weights import build_model
-
-    # build_model adopts the given tensors (no copy); the linears are then replaced by int8 ones.
-    shared = {k: v for k, v in model.state_dict().items()}
-    copy = build_model(model.config, shared, device=model.tok_embeddings.weight.device)
-    return quantize_int8(copy)
+    return quantize_int8(_shared_copy(model))
 
 
 class Int4Linear(nn.Module):
@@ -122,13 +131,15 @@ class Int4Linear(nn.Module):
 def draft_copy(model: Transformer) -> Transformer:
     """A copy of `model` to draft for it in speculative decoding: decoder-layer linears in int4
     (groups of 32; int8 where the int4 kernel's shape rules do not allow it), lm_head in int8.
+    Shares the embeddings and norms with `model`, like `quantized_copy`.
 
     Measured on SmolLM2-135M-Instruct (1 thread, benchmarks/README.md): a decode step costs
     ~0.49 of fp32's (int8 everywhere: ~0.66) and its next token agrees with fp32's 98% of the
     time on HumanEval completions (int4 everywhere: 90%: the lm_head is what int4 hurts)."""
-    copy = quantized_copy(model)  # int8 everywhere, sharing the embeddings and norms
-    for name, linear in model.named_modules():
-        if isinstance(linear, nn.Linear) and name.startswith("layers.") and Int4Linear.supports(linear.weight):
-            parent_name, _, child = name.rpartition(".")
-            setattr(copy.get_submodule(parent_name), child, Int4Linear.from_float(linear.weight))
-    return copy
+
+    def make(name: str, weight: torch.Tensor) -> nn.Module:
+        if name.startswith("layers.") and Int4Linear.supports(weight):
+            return Int4Linear.from_float(weight)
+        return Int8Linear.from_float(weight)
+
+    return _replace_linears(_shared_copy(model), make)

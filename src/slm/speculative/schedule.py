@@ -53,6 +53,7 @@ class _Evidence:
 
     @property
     def acceptance(self) -> tuple[float, float]:
+        """(a1, a): acceptance of a round's first proposal, and of each later one given the previous."""
         return self.first_successes / self.first_trials, self.successes / self.trials
 
 
@@ -78,10 +79,6 @@ class AdaptiveK:
     def k(self) -> int:
         """The current K of evidence 0 (a model draft's only one)."""
         return self._stats(0).k
-
-    def acceptance(self, evidence: int = 0) -> tuple[float, float]:
-        """(a1, a): acceptance of a round's first proposal, and of each later one given the previous."""
-        return self._stats(evidence).acceptance
 
     def _verify_cost(self, tokens: int) -> float:
         if tokens in self.verify_s:
