@@ -1,7 +1,7 @@
 """Speculative decoding: slm vs transformers assisted generation, same pairs, one process.
 
-    python benchmarks/speculative.py                     # short default run (a few minutes)
-    python benchmarks/speculative.py --part controlled   # part 1 only
+    python benchmarks/speculative.py                     # everything, part 2 short (about 25 minutes)
+    python benchmarks/speculative.py --part controlled   # part 1 only (pairs, then the useless draft)
     python benchmarks/speculative.py --part real --prompts 20 --new-tokens 128 --repeats 1   # the full part 2
 
 Part 1, a controlled pair (the engine itself is measured): the draft is SmolLM2-135M-Instruct
@@ -16,7 +16,9 @@ predicted = (1 - a^(K+1)) / ((1 - a)(K c + 1)) from the measured per-token accep
 accepted / drafted, is printed beside it) and each
 engine's own cost ratio c (draft-only / target-only time per token). Also the cost v of one
 verify forward over K+1 tokens relative to a 1-token decode step, for both engines, and the
-efficiency against the prediction that uses v instead of 1 (what is left is loop overhead).
+efficiency against the prediction that uses v instead of 1 (what is left is loop overhead),
+and slm's verify forward in GFLOP/s beside this core's fp32 matmul peak (near it, verifying
+K+1 tokens is compute-bound: v cannot fall further, whatever the engine).
 Then a useless draft: the real SmolLM2 as target, its own first --draft-layers layers as draft
 (they agree on a few % of tokens), slm at K=auto (it must back off: never slower than
 target-only) beside transformers' adaptive "heuristic" schedule.
@@ -30,7 +32,9 @@ int4 decoder layers and an int8 lm_head), and "auto" (lookup, else the int4 copy
 nearest int8 draft, the target under torch.ao dynamic int8 quantisation as assistant.
 
 Every speculative output is asserted equal to the same engine's target-only greedy output.
-Runs are interleaved (A, B, C, ... then again) after a warm-up; medians; load average printed.
+Runs are interleaved (A, B, C, ... then again) after a warm-up; load average printed. Speedups
+and cost ratios are medians over rounds of each round's own ratio (the engines of one round ran
+back to back, so load that changes between rounds cancels); their range over rounds is printed.
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ def log(*a):
 def interleaved(engines: dict, prompts: list, repeats: int) -> dict:
     """engines: name -> fn(prompt) -> (tokens, stats). One warm-up each, then `repeats` rounds of
     every engine on every prompt in turn (in reverse order on odd rounds). -> name -> {"seconds": median total over the prompts,
-    "tokens": per prompt, "stats": per prompt (last round)}."""
+    "rounds": each round's total, "tokens": per prompt, "stats": per prompt (last round)}."""
     for fn in engines.values():
         fn(prompts[0])
     times = {name: [] for name in engines}
@@ -79,7 +83,20 @@ def interleaved(engines: dict, prompts: list, repeats: int) -> dict:
         log(f"  round {r + 1}/{repeats}: " + ", ".join(f"{n} {t:.2f}s" for n, t in totals.items()))
     for name in engines:
         out[name]["seconds"] = statistics.median(times[name])
+        out[name]["rounds"] = times[name]
     return out
+
+
+def ratios(res: dict, num: str, den: str) -> list[float]:
+    """Each round's time of engine `num` over engine `den`. The engines of one round ran back to
+    back on the same prompts, so a change of load on this shared machine between rounds cancels
+    out of these ratios (it does not cancel out of a ratio of two medians)."""
+    return [a / b for a, b in zip(res[num]["rounds"], res[den]["rounds"])]
+
+
+def ratio(res: dict, num: str, den: str) -> float:
+    """The median over rounds of `ratios`."""
+    return statistics.median(ratios(res, num, den))
 
 
 def alpha_from_rounds(tokens_per_round: float, k: int) -> float:
@@ -203,6 +220,26 @@ def verify_cost(lm, prompt: list[int], ks: list[int], repeats: int = 15) -> dict
     return {t - 1: statistics.median(v) for t, v in times.items()}
 
 
+def sgemm_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """This core's fp32 matmul throughput on a large square product: the ceiling a verify forward
+    over K+1 tokens runs into once it stops being bound by reading the weights."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def linear_params(model) -> int:
+    """Weights a forward multiplies each token by (every linear, the lm_head included)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
 # --- the two parts -------------------------------------------------------------------------------
 
 
@@ -236,6 +273,7 @@ def part_controlled(args, full, model_dir, tokenizer, tmp: Path) -> list[dict]:
             for k in args.ks:
                 assert res[f"{eng} K={k}"]["tokens"] == ref, f"{eng} K={k}: output differs from target-only greedy"
         vc = {"slm": verify_cost(SlmLM(target), prompts[0], args.ks), "hf": verify_cost(HFLM(hf_target), prompts[0], args.ks)}
+        peak, flops_per_token = sgemm_peak_gflops(), 2 * linear_params(target)
         for k in args.ks:
             st = res[f"slm K={k}"]["stats"]
             rate = sum(s["accepted_tokens"] for s in st) / sum(s["drafted_tokens"] for s in st)
@@ -245,17 +283,26 @@ def part_controlled(args, full, model_dir, tokenizer, tmp: Path) -> list[dict]:
             a = 1.0 if rate == 1.0 else alpha_from_rounds(per_round, k)
             row = {"part": "controlled", "target": label, "K": k, "acceptance": round(rate, 3), "alpha": round(a, 3)}
             for eng in ("slm", "hf"):
-                c = res[f"{eng} draft"]["seconds"] / res[f"{eng} target"]["seconds"]
-                speedup = res[f"{eng} target"]["seconds"] / res[f"{eng} K={k}"]["seconds"]
+                c = ratio(res, f"{eng} draft", f"{eng} target")
+                speedups = ratios(res, f"{eng} target", f"{eng} K={k}")
+                speedup = statistics.median(speedups)
                 pred = predicted_speedup(a, k, c)
                 row.update({f"{eng}_c": round(c, 3), f"{eng}_speedup": round(speedup, 3),
+                            f"{eng}_speedup_range": [round(min(speedups), 3), round(max(speedups), 3)],
                             f"{eng}_predicted": round(pred, 3), f"{eng}_efficiency": round(speedup / pred, 3),
                             f"{eng}_verify_cost": round(vc[eng][k] / vc[eng][0], 3),
                             # the same prediction with the measured verify cost instead of 1 step
                             f"{eng}_efficiency_given_verify": round(
                                 speedup / predicted_speedup(a, k, c, vc[eng][k] / vc[eng][0]), 3),
                             f"{eng}_step_ms": round(1e3 * vc[eng][0], 1), f"{eng}_verify_ms": round(1e3 * vc[eng][k], 1)})
-            row["slm_vs_hf"] = round(res[f"hf K={k}"]["seconds"] / res[f"slm K={k}"]["seconds"], 3)
+            # The verify forward's matmul rate against this core's fp32 peak: near it, a verify over
+            # K+1 tokens is compute-bound and cannot cost less, whatever the engine.
+            row["slm_verify_gflops"] = round(flops_per_token * (k + 1) / vc["slm"][k] / 1e9, 1)
+            row["sgemm_peak_gflops"] = round(peak, 1)
+            # slm's speedup over transformers' speedup, each round's pair of speedups compared
+            rel = [ours / theirs for ours, theirs in zip(ratios(res, "slm target", f"slm K={k}"), ratios(res, "hf target", f"hf K={k}"))]
+            row["slm_speedup_over_hf_speedup"] = round(statistics.median(rel), 3)
+            row["slm_vs_hf"] = round(ratio(res, f"hf K={k}", f"slm K={k}"), 3)  # wall time
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
@@ -271,7 +318,7 @@ def part_useless(args, full, model_dir, tokenizer, tmp: Path) -> list[dict]:
     from slm.speculative import ModelDraft, as_lm
 
     prompts = short_prompts(args, tokenizer, model_dir, max(3, args.controlled_prompts))
-    n = args.controlled_tokens
+    n = args.useless_tokens
     draft, _ = controlled_pair(full, args.draft_layers, 0.0)
     hf_draft, hf_target = to_hf(draft, tmp, "draft"), to_hf(full, tmp, "target")
     kept = ModelDraft(as_lm(draft), full.config.vocab_size)
@@ -289,8 +336,10 @@ def part_useless(args, full, model_dir, tokenizer, tmp: Path) -> list[dict]:
         key = spec.split()[-1]
         row[f"{key}_acceptance"] = round(sum(s["accepted_tokens"] for s in st) / max(sum(s["drafted_tokens"] for s in st), 1), 3)
         row[f"{key}_drafted_per_generation"] = round(statistics.mean(s["drafted_tokens"] for s in st), 1)
-        row[f"slm_{key}_speedup"] = round(res["slm target"]["seconds"] / res[spec]["seconds"], 3)
-    row["hf_heuristic_speedup"] = round(res["hf target"]["seconds"] / res["hf heuristic"]["seconds"], 3)
+        speedups = ratios(res, "slm target", spec)
+        row[f"slm_{key}_speedup"] = round(statistics.median(speedups), 3)
+        row[f"slm_{key}_speedup_range"] = [round(min(speedups), 3), round(max(speedups), 3)]
+    row["hf_heuristic_speedup"] = round(ratio(res, "hf target", "hf heuristic"), 3)
     print(json.dumps(row), flush=True)
     return [row]
 
@@ -329,7 +378,7 @@ def part_real(args, target, model_dir, tokenizer, tmp: Path) -> list[dict]:
         ref = res[f"{eng} target"]
         assert r["tokens"] == ref["tokens"], f"{name}: output differs from {eng} target-only greedy"
         row = {"part": "real", "engine": name, "tokens_per_s": round(n * len(prompts) / r["seconds"], 2),
-               "speedup": round(ref["seconds"] / r["seconds"], 3)}
+               "speedup": round(ratio(res, f"{eng} target", name), 3)}
         if r["stats"] and r["stats"][0]:
             st = r["stats"]
             drafted = sum(s["drafted_tokens"] for s in st)
@@ -338,7 +387,7 @@ def part_real(args, target, model_dir, tokenizer, tmp: Path) -> list[dict]:
         hf_peer = {"ngram": f"hf ngram K={k}", "int8": f"hf dyn-int8 K={k}", "int4": f"hf dyn-int8 K={k}",
                    "auto": f"hf ngram K={k}"}.get(name.split()[1] if eng == "slm" else "")
         if hf_peer in res:
-            row["hf_seconds_over_slm"] = round(res[hf_peer]["seconds"] / r["seconds"], 3)
+            row["hf_seconds_over_slm"] = round(ratio(res, hf_peer, name), 3)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -346,17 +395,20 @@ def part_real(args, target, model_dir, tokenizer, tmp: Path) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["controlled", "useless", "real", "all"], default="all",
-                    help="controlled: the controlled pairs and the useless draft; useless: only the latter")
+    ap.add_argument("--part", choices=["controlled", "pairs", "useless", "real", "all"], default="all",
+                    help="controlled: the controlled pairs and the useless draft; pairs, useless: one of the two")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: on a loaded shared machine 2 threads ran 10x slower)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds after the warm-up (median)")
     ap.add_argument("--ks", type=int, nargs="+", default=[3, 5, 8], help="part 1: constant draft lengths")
     ap.add_argument("--draft-layers", type=int, default=8, help="part 1: layers of SmolLM2 kept in the draft")
     ap.add_argument("--noise", type=float, default=0.003, help="part 1: std of the appended wo/w2 in the noisy pair")
     ap.add_argument("--controlled-prompts", type=int, default=1)
-    ap.add_argument("--controlled-tokens", type=int, default=128,
-                    help="part 1: new tokens per prompt (the prediction is for steady state: a short generation's "
-                    "draft prefill and last, truncated round weigh more)")
+    ap.add_argument("--controlled-tokens", type=int, default=253,
+                    help="part 1: new tokens per prompt. The prediction is for steady state: every round drafts K "
+                    "and the prefill is not counted. The default 253 is the prefill's token plus 252 = 4 x 63 = "
+                    "6 x 42 = 9 x 28, so at acceptance 1 no round is cut short by the budget at K = 3, 5 or 8, and "
+                    "the prefill weighs half what it does at 128")
+    ap.add_argument("--useless-tokens", type=int, default=128, help="useless-draft part: new tokens per prompt")
     ap.add_argument("--controlled-prompt-tokens", type=int, default=24, help="part 1: last N tokens of each prompt")
     ap.add_argument("--prompts", type=int, default=2, help="part 2: first N HumanEval prompts (full run: 20)")
     ap.add_argument("--new-tokens", type=int, default=48, help="part 2: new tokens per prompt (full run: 128)")
@@ -374,7 +426,7 @@ def main() -> None:
     tokenizer = Tokenizer.load(model_dir)
     log(f"threads {args.threads}, load average at start {os.getloadavg()}")
     with tempfile.TemporaryDirectory() as tmp:
-        if args.part in ("controlled", "all"):
+        if args.part in ("controlled", "pairs", "all"):
             part_controlled(args, full, model_dir, tokenizer, Path(tmp))
         if args.part in ("controlled", "useless", "all"):
             part_useless(args, full, model_dir, tokenizer, Path(tmp))

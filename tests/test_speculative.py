@@ -163,6 +163,31 @@ def test_adaptive_k_backs_off_and_probes():
     assert s.k >= 10
 
 
+@pytest.mark.parametrize("catchup_s, probes", [(0.3, (0, 0)), (0.001, (3, 8))])
+def test_adaptive_k_budgets_probes_that_need_a_catch_up(catchup_s, probes):
+    """A useless draft with its own KV cache must be fed every token of the rounds it sat out
+    before a probe can draft. When that costs 0.3 of a decode step per token, a probe after g
+    idle rounds costs 0.3 g steps, never within the 1% budget: no probes at all. When it costs
+    0.001 per token, probes go on as for a draft without a cache."""
+    s = AdaptiveK(k_start=4)
+    fed = 0  # context tokens the draft has seen
+    ks = []
+    for r in range(600):
+        context = r + 10
+        k = s.next_k(0, context - fed)
+        if k:
+            s.update(k, 0, 0.5, k + 1, 1.0 + 0.05 * k, 0, catchup_tokens=context - fed,
+                     catchup_s=catchup_s * (context - fed))
+            fed = context
+        else:
+            s.update(0, 0, None, 1, 1.0)
+        ks.append(k)
+    assert ks[19] == 0 and s.k == 0
+    n = sum(k > 0 for k in ks[20:])
+    assert probes[0] <= n <= probes[1]
+    assert s.probe_s <= s.probe_budget * s.decode_s  # the budget held
+
+
 @pytest.mark.parametrize("hit_every, drafts", [(2, True), (6, False)])
 def test_adaptive_k_models_bursty_drafts(hit_every, drafts):
     """Prompt lookup is all or nothing: its first guess is usually wrong, and a right one stays

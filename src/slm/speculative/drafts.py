@@ -33,15 +33,20 @@ class Proposal:
     # How promising the proposal looked before its length was chosen (prompt lookup: the length
     # of the matched n-gram; a model draft: 0). AdaptiveK learns acceptance per value.
     evidence: int = 0
+    # A draft with its own KV cache first feeds it what the context gained since it last ran
+    # (its prefill, or the tokens of rounds it sat out): how many tokens, and the seconds spent.
+    catchup_tokens: int = 0
+    catchup_seconds: float = 0.0
 
 
-# A round's draft length: a number, or a function of the proposal's evidence (AdaptiveK's
-# choice, made once the draft knows how promising its proposal is, before it spends anything).
-DraftLength = int | Callable[[int], int]
+# A round's draft length: a number, or a function of the proposal's evidence and of how many
+# tokens the draft must catch up on first (AdaptiveK's choice, made once the draft knows how
+# promising its proposal is and what it would cost, before it spends anything).
+DraftLength = int | Callable[[int, int], int]
 
 
-def _length(k: DraftLength, evidence: int) -> int:
-    return k(evidence) if callable(k) else k
+def _length(k: DraftLength, evidence: int, catchup: int = 0) -> int:
+    return k(evidence, catchup) if callable(k) else k
 
 
 class Draft:
@@ -63,7 +68,8 @@ class Draft:
         """Raise SlmError if this draft cannot serve `target` (a CachedLM)."""
 
     def propose(self, context: list[int], k: DraftLength, sampling: SamplingParams, generator=None) -> Proposal:
-        """Up to k tokens to follow `context` (k: a number, or a function of the evidence)."""
+        """Up to k tokens to follow `context` (k: a number, or a function of the evidence and of
+        the tokens this draft must catch up on first)."""
         raise NotImplementedError
 
 
@@ -112,12 +118,13 @@ class ModelDraft(Draft):
         return int(sample(q, generator)), F.pad(q, (0, self.target_vocab - self.width))  # (V_target,)
 
     def propose(self, context: list[int], k: DraftLength, sampling: SamplingParams, generator=None) -> Proposal:
-        k = _length(k, 0)
-        if k <= 0:
-            return Proposal([], None)
         n = len(context)
         valid = self._valid_prefix(context)
         steady = n - valid <= 2  # steady state feeds 1 token (2 after a full accept); more is a catch-up
+        catchup = 0 if steady else n - valid
+        k = _length(k, 0, catchup)
+        if k <= 0:
+            return Proposal([], None)
         t0 = time.perf_counter()
         logits = self.lm.forward(self._embeddable(context[valid:]), valid, last_only=True)[-1]
         t1 = time.perf_counter()
@@ -133,7 +140,8 @@ class ModelDraft(Draft):
         step_s = spent / steps if steps > 0 else None
         self.fed = context + tokens[:-1]
         self.base = n
-        return Proposal(tokens, None if sampling.greedy else torch.stack(probs), forwards=k, step_seconds=step_s)
+        return Proposal(tokens, None if sampling.greedy else torch.stack(probs), forwards=k, step_seconds=step_s,
+                        catchup_tokens=catchup, catchup_seconds=0.0 if steady else t1 - t0)
 
 
 class SelfDraft(ModelDraft):

@@ -181,8 +181,9 @@ def _generate(target, draft, prompt, max_new_tokens, sampling, draft_tokens, sto
         cap = min(budget - len(new) - 1, draft.max_tokens(n))
         t1 = time.perf_counter()
         if cap > 0:
-            # The draft asks for its K once it knows its proposal's evidence (see AdaptiveK).
-            proposal = draft.propose(context, lambda ev: max(0, min(schedule.next_k(ev), cap)), sampling, generator)
+            # The draft asks for its K once it knows its proposal's evidence and catch-up (see AdaptiveK).
+            k_for = lambda ev, catchup: max(0, min(schedule.next_k(ev, catchup), cap))
+            proposal = draft.propose(context, k_for, sampling, generator)
         else:
             proposal = Proposal([], None)
         t2 = time.perf_counter()
@@ -194,7 +195,8 @@ def _generate(target, draft, prompt, max_new_tokens, sampling, draft_tokens, sto
             q = proposal.probs if proposal.probs is not None else _one_hot(drafts, target.vocab_size, logits.device)
             accepted, extra = rejection_sample(logits_to_probs(logits, sampling), q, drafts, generator)
         t3 = time.perf_counter()
-        schedule.update(len(drafts), accepted, proposal.step_seconds, len(drafts) + 1, t3 - t2, proposal.evidence)
+        schedule.update(len(drafts), accepted, proposal.step_seconds, len(drafts) + 1, t3 - t2, proposal.evidence,
+                        catchup_tokens=proposal.catchup_tokens, catchup_s=proposal.catchup_seconds)
         draft_total, verify_total = draft_total + t2 - t1, verify_total + t3 - t2
         c["target_forwards"] += 1
         c["draft_forwards"] += proposal.forwards

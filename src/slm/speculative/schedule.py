@@ -18,6 +18,13 @@ Acceptance and both costs are measured as it runs (exponential moving averages).
 only when that predicts a gain of at least `min_gain` over plain decoding (timings on a shared
 machine are noisy), so it backs off to K = 0 when the draft does not pay, and then probes now
 and then with one drafted token, at growing intervals, in case the text has become easier.
+
+A probe is not free for a draft model with its own KV cache: it must first be fed every token
+of the rounds it sat out (a catch-up forward over all of them), so however far apart the probes
+are, probing feeds it nearly the whole text. A useless draft then costs a few % to the end of
+the generation. So a probe that needs a catch-up is made only while the catch-ups of all probes
+so far, this one's predicted cost included, stay within `probe_budget` of the decoding time so
+far (the draft's measured seconds per caught-up token times the tokens it would feed).
 """
 
 from __future__ import annotations
@@ -29,11 +36,11 @@ class FixedK:
     def __init__(self, k: int):
         self.k = k
 
-    def next_k(self, evidence: int = 0) -> int:
+    def next_k(self, evidence: int = 0, catchup: int = 0) -> int:
         return self.k
 
     def update(self, drafted: int, accepted: int, step_s: float | None, verify_tokens: int, verify_s: float,
-               evidence: int = 0) -> None:
+               evidence: int = 0, *, catchup_tokens: int = 0, catchup_s: float = 0.0) -> None:
         pass
 
 
@@ -67,8 +74,15 @@ class AdaptiveK:
     probe_min: int = 16  # rounds at K = 0 before the first probe; doubles after each probe that fails
     probe_max: int = 256
     min_gain: float = 1.05  # predicted speedup over plain decoding needed to draft at all
+    probe_budget: float = 0.01  # probes' catch-up seconds, at most this fraction of the decoding seconds
     verify_s: dict[int, float] = field(default_factory=dict)  # tokens verified -> seconds per verify forward
     evidence: dict[int, _Evidence] = field(default_factory=dict)
+    # Totals since this schedule was made (it lives with its draft, across generations).
+    decode_s: float = 0.0  # seconds of verify forwards: the decoding time probes are budgeted against
+    catchup_tokens: int = 0  # tokens the draft was fed to catch up, and the seconds that took
+    catchup_s: float = 0.0
+    probe_s: float = 0.0  # catch-up seconds spent by probes
+    _probing: bool = field(default=False, init=False, repr=False)  # the K just handed out is a probe
 
     def _stats(self, evidence: int) -> _Evidence:
         if evidence not in self.evidence:
@@ -100,25 +114,43 @@ class AdaptiveK:
                 best_k, best_rate = k, rate
         return best_k
 
-    def next_k(self, evidence: int = 0) -> int:
+    def _probe_affordable(self, catchup: int) -> bool:
+        if not catchup or not self.catchup_tokens:  # nothing to catch up, or its cost not yet measured
+            return True
+        cost = catchup * self.catchup_s / self.catchup_tokens
+        return self.probe_s + cost <= self.probe_budget * self.decode_s
+
+    def next_k(self, evidence: int = 0, catchup: int = 0) -> int:
+        """K for the next round, given the proposal's evidence and the tokens the draft would
+        have to catch up on before proposing."""
+        self._probing = False
         if 1 not in self.verify_s:  # first measure a plain decode step: the baseline every K is judged by
             return 0
         st = self._stats(evidence)
         if st.k == 0:
             st.idle_rounds += 1
-            if st.idle_rounds >= st.probe_every:
+            if st.idle_rounds >= st.probe_every and self._probe_affordable(catchup):
                 st.idle_rounds = 0
                 st.probe_every = min(2 * st.probe_every, self.probe_max)
+                self._probing = True
                 return 1
         return st.k
 
     def update(self, drafted: int, accepted: int, step_s: float | None, verify_tokens: int, verify_s: float,
-               evidence: int = 0) -> None:
+               evidence: int = 0, *, catchup_tokens: int = 0, catchup_s: float = 0.0) -> None:
         """One round: `drafted` proposals (of this evidence) of which `accepted` were kept; step_s
-        seconds per draft token (None: not measured); one target forward over verify_tokens took verify_s."""
+        seconds per draft token (None: not measured); one target forward over verify_tokens took
+        verify_s; before proposing, the draft caught up on catchup_tokens tokens in catchup_s seconds."""
         d = self.decay
         ema = lambda old, new: new if old is None else d * old + (1 - d) * new  # noqa: E731
         self.verify_s[verify_tokens] = ema(self.verify_s.get(verify_tokens), verify_s)
+        self.decode_s += verify_s
+        if catchup_tokens:
+            self.catchup_tokens += catchup_tokens
+            self.catchup_s += catchup_s
+            if self._probing:
+                self.probe_s += catchup_s
+        self._probing = False
         if not drafted:
             return
         st = self._stats(evidence)
