@@ -224,20 +224,33 @@ def sgemm_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
     """This core's fp32 matmul throughput on a large square product: the ceiling a verify forward
     over K+1 tokens runs into once it stops being bound by reading the weights."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
-    return 2 * n**3 / best / 1e9
+    times = []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / min(times[1:]) / 1e9
 
 
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+def linears(model) -> list:
+    """Every linear a forward multiplies each token by, in order (the lm_head included)."""
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
 
 
-def linear_params(model) -> int:
-    """Weights a forward multiplies each token by (every linear, the lm_head included)."""
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+@torch.inference_mode()
+def matmul_seconds(model, tokens: int, repeats: int = 15) -> float:
+    """Median seconds of the matmuls alone of a forward over `tokens` tokens: every linear of the
+    model run in turn on (tokens, in_features) inputs, through the same kernels as the forward
+    (after `setup_cache`, oneDNN's packed weights). The rest of a forward is small ops."""
+    mods = linears(model)
+    xs = {m.in_features: torch.randn(tokens, m.in_features) for m in mods}
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        for m in mods:
+            m(xs[m.in_features])
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
 
 
 # --- the two parts -------------------------------------------------------------------------------
@@ -273,7 +286,7 @@ def part_controlled(args, full, model_dir, tokenizer, tmp: Path) -> list[dict]:
             for k in args.ks:
                 assert res[f"{eng} K={k}"]["tokens"] == ref, f"{eng} K={k}: output differs from target-only greedy"
         vc = {"slm": verify_cost(SlmLM(target), prompts[0], args.ks), "hf": verify_cost(HFLM(hf_target), prompts[0], args.ks)}
-        peak, flops_per_token = sgemm_peak_gflops(), 2 * linear_params(target)
+        peak, flops_per_token = sgemm_peak_gflops(), 2 * sum(m.weight.numel() for m in linears(target))
         for k in args.ks:
             st = res[f"slm K={k}"]["stats"]
             rate = sum(s["accepted_tokens"] for s in st) / sum(s["drafted_tokens"] for s in st)
@@ -282,13 +295,13 @@ def part_controlled(args, full, model_dir, tokenizer, tmp: Path) -> list[dict]:
                 s["target_forwards"] for s in st)
             a = 1.0 if rate == 1.0 else alpha_from_rounds(per_round, k)
             row = {"part": "controlled", "target": label, "K": k, "acceptance": round(rate, 3), "alpha": round(a, 3)}
+            speedups = {eng: ratios(res, f"{eng} target", f"{eng} K={k}") for eng in ("slm", "hf")}
             for eng in ("slm", "hf"):
                 c = ratio(res, f"{eng} draft", f"{eng} target")
-                speedups = ratios(res, f"{eng} target", f"{eng} K={k}")
-                speedup = statistics.median(speedups)
+                speedup = statistics.median(speedups[eng])
                 pred = predicted_speedup(a, k, c)
                 row.update({f"{eng}_c": round(c, 3), f"{eng}_speedup": round(speedup, 3),
-                            f"{eng}_speedup_range": [round(min(speedups), 3), round(max(speedups), 3)],
+                            f"{eng}_speedup_range": [round(min(speedups[eng]), 3), round(max(speedups[eng]), 3)],
                             f"{eng}_predicted": round(pred, 3), f"{eng}_efficiency": round(speedup / pred, 3),
                             f"{eng}_verify_cost": round(vc[eng][k] / vc[eng][0], 3),
                             # the same prediction with the measured verify cost instead of 1 step
@@ -300,9 +313,52 @@ def part_controlled(args, full, model_dir, tokenizer, tmp: Path) -> list[dict]:
             row["slm_verify_gflops"] = round(flops_per_token * (k + 1) / vc["slm"][k] / 1e9, 1)
             row["sgemm_peak_gflops"] = round(peak, 1)
             # slm's speedup over transformers' speedup, each round's pair of speedups compared
-            rel = [ours / theirs for ours, theirs in zip(ratios(res, "slm target", f"slm K={k}"), ratios(res, "hf target", f"hf K={k}"))]
+            rel = [ours / theirs for ours, theirs in zip(speedups["slm"], speedups["hf"])]
             row["slm_speedup_over_hf_speedup"] = round(statistics.median(rel), 3)
             row["slm_vs_hf"] = round(ratio(res, f"hf K={k}", f"slm K={k}"), 3)  # wall time
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def part_bound(args, full) -> list[dict]:
+    """What a verify over K+1 tokens must cost on this machine, without transformers or generation
+    (a minute): for the controlled pair's target, the forward over K+1 tokens in decode steps (v),
+    its matmuls alone in GFLOP/s against the core's fp32 peak, and the ceiling of the efficiency
+    that v leaves an engine with no other cost, (K c + 1) / (K c + v), with c here the draft's
+    forward over the target's (one token each)."""
+    from slm.speculative import SlmLM
+
+    draft, target = controlled_pair(full, args.draft_layers, 0.0)
+    prompt = list(range(1000, 1000 + args.controlled_prompt_tokens))
+    vt, vd = verify_cost(SlmLM(target), prompt, args.ks), verify_cost(SlmLM(draft), prompt, [])
+    c, peak = vd[0] / vt[0], sgemm_peak_gflops()
+    flops_per_token = 2 * sum(m.weight.numel() for m in linears(target))
+    rows = []
+    for k in args.ks:
+        v = vt[k] / vt[0]
+        row = {"part": "bound", "K": k, "verify_cost": round(v, 3), "c_forward": round(c, 3),
+               "verify_gflops": round(flops_per_token * (k + 1) / vt[k] / 1e9, 1),
+               "verify_matmul_gflops": round(flops_per_token * (k + 1) / matmul_seconds(target, k + 1) / 1e9, 1),
+               "sgemm_peak_gflops": round(peak, 1), "efficiency_ceiling": round((k * c + 1) / (k * c + v), 3)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def part_acceptance(args, full, model_dir, tokenizer) -> list[dict]:
+    """slm's acceptance rate on the noisy pair for each --noises value, prompt and K (greedy,
+    --controlled-tokens each): how the noise level sets the pair's acceptance."""
+    from slm.speculative import speculative_generate
+
+    prompts = short_prompts(args, tokenizer, model_dir, args.controlled_prompts)
+    rows = []
+    for noise in args.noises:
+        draft, target = controlled_pair(full, args.draft_layers, noise)
+        for i, p in enumerate(prompts):
+            rates = {k: speculative_generate(target, draft, p, args.controlled_tokens, draft_tokens=k,
+                                             stop_ids=[]).stats["acceptance_rate"] for k in args.ks}
+            row = {"part": "acceptance", "noise": noise, "prompt": i, **{f"K={k}": round(r, 3) for k, r in rates.items()}}
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
@@ -395,13 +451,18 @@ def part_real(args, target, model_dir, tokenizer, tmp: Path) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["controlled", "pairs", "useless", "real", "all"], default="all",
-                    help="controlled: the controlled pairs and the useless draft; pairs, useless: one of the two")
+    ap.add_argument("--part", choices=["controlled", "pairs", "useless", "bound", "acceptance", "real", "all"],
+                    default="all",
+                    help="controlled: the controlled pairs and the useless draft; pairs, useless: one of the two; "
+                    "bound: the verify's cost and matmul rate against the core's peak (a minute); acceptance: the "
+                    "noisy pair's acceptance for each --noises value (not part of all)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: on a loaded shared machine 2 threads ran 10x slower)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds after the warm-up (median)")
     ap.add_argument("--ks", type=int, nargs="+", default=[3, 5, 8], help="part 1: constant draft lengths")
     ap.add_argument("--draft-layers", type=int, default=8, help="part 1: layers of SmolLM2 kept in the draft")
     ap.add_argument("--noise", type=float, default=0.003, help="part 1: std of the appended wo/w2 in the noisy pair")
+    ap.add_argument("--noises", type=float, nargs="+", default=[0.003, 0.0045, 0.005],
+                    help="--part acceptance: the noise levels to try")
     ap.add_argument("--controlled-prompts", type=int, default=1)
     ap.add_argument("--controlled-tokens", type=int, default=253,
                     help="part 1: new tokens per prompt. The prediction is for steady state: every round drafts K "
@@ -426,6 +487,10 @@ def main() -> None:
     tokenizer = Tokenizer.load(model_dir)
     log(f"threads {args.threads}, load average at start {os.getloadavg()}")
     with tempfile.TemporaryDirectory() as tmp:
+        if args.part in ("bound", "all"):
+            part_bound(args, full)
+        if args.part == "acceptance":
+            part_acceptance(args, full, model_dir, tokenizer)
         if args.part in ("controlled", "pairs", "all"):
             part_controlled(args, full, model_dir, tokenizer, Path(tmp))
         if args.part in ("controlled", "useless", "all"):
