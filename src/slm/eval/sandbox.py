@@ -1,22 +1,21 @@
 """Run one untrusted Python program, contained, and report what happened.
 
-The harness never runs generated code in its own process. Each program gets:
-  - its own process, session and process group (start_new_session), stdin closed, stdout and
-    stderr to anonymous files of which the first `output_bytes` are kept;
-  - a fresh temporary directory as cwd and HOME, removed afterwards;
-  - a minimal environment (no inherited variables, PATH=/usr/bin:/bin) and an isolated
-    interpreter (`python -I -S -B`: no site-packages, no PYTHON* variables, no .pyc writes);
-  - a wall-time limit, after which its whole process group is SIGKILLed;
-  - kernel resource limits: address space, CPU seconds, file size, open files, processes, no core;
-  - when we run as root: its own uid (one per concurrent program, leased with a lock file), so
-    that it can write nowhere but its directory, signal none of our processes, and its process
-    count (RLIMIT_NPROC, which root ignores) really is limited: a fork bomb hits the wall;
-    leftovers of that uid are killed after the run, even ones that left the process group;
-  - where the kernel lets us (root, or unprivileged user namespaces): private network and mount
-    namespaces: no network at all, and /tmp, /var/tmp, /dev/shm are private and empty;
-  - a Python-level guard (see sandbox_launcher.install_guard): process, signal, socket and
-    deletion calls disabled, writes outside its directory refused. Defense in depth only.
-`isolation()` reports which of these the current machine enforces.
+The harness never runs generated code in its own process. Each program gets (built by
+`sandbox_launcher`, in this order; docs/SECURITY.md says why each is there):
+  - its own cgroup (`sandbox_cgroup`): memory, tasks and CPU bounded for the sample as a whole;
+  - new mount, PID, network, IPC, UTS and cgroup namespaces: every mount of the host read-only,
+    its only writable place a size-limited tmpfs on /tmp (cwd and HOME), its own /proc in
+    which it sees only its own processes, no network at all;
+  - a supervisor as PID 1 of its PID namespace: when the sample ends (its program returned or
+    died, or the wall-time limit), every process it started dies with the namespace;
+  - its own uid (one per concurrent program, leased with a lock file), no new privileges;
+    rlimits per process (address space, CPU seconds, file size, open files, processes);
+  - a minimal environment, stdin closed, stdout/stderr to files of which the head is kept;
+  - a verdict from the supervisor: "passed" only if the program process handed back a per-run
+    token, which it reads only after the program's code returned (an exit(0), a SystemExit
+    from anywhere, os._exit from any thread never read as passed);
+  - a Python-level guard (see sandbox_launcher.install_guard). Defense in depth only.
+Every layer is required: a machine that lacks one gets a one-line SlmError, never a weaker sandbox.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ import json
 import math
 import os
 import select
-import shutil
 import signal
 import stat
 import subprocess
@@ -35,38 +33,45 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from slm.errors import SlmError
+from slm.eval import sandbox_cgroup
 
 LAUNCHER = Path(__file__).with_name("sandbox_launcher.py")
-SETUP_FAILED = 125  # sandbox_launcher.SETUP_FAILED
-PROGRAM_NAME = "program.py"
+# sandbox_launcher's exit codes
+SETUP_FAILED, TIMED_OUT, SIGNALED = 125, 124, 128
+# The harness's own wall-time kill comes this long after the supervisor's (which should fire first).
+GRACE_SECONDS = 2.0
+LAUNCHER_TASKS = 2  # the launcher's outer process and the supervisor, in the sample's pids cgroup
 
-# Sandbox uids, when we are root: a range no real account uses (below 65534 = nobody, as a
-# container's user namespace often maps only 0..65535). One per concurrent program.
+# Sandbox uids: a range no real account uses (below 65534 = nobody, as a container's user
+# namespace often maps only 0..65535). One per concurrent program.
 UID_BASE, UID_COUNT = 61000, 512
 
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    timeout: float = 3.0  # wall seconds, interpreter start included
-    memory_bytes: int = 1 << 30  # RLIMIT_AS
-    cpu_seconds: int | None = None  # RLIMIT_CPU; None: the timeout rounded up, plus one
+    timeout: float = 3.0  # wall seconds, from the supervisor's start; the harness kills GRACE_SECONDS later
+    memory_bytes: int = 1 << 30  # the whole sample (memory cgroup), and each process's RLIMIT_AS
+    cpu_seconds: int | None = None  # RLIMIT_CPU per process; None: the timeout rounded up, plus one
     file_bytes: int = 16 << 20  # RLIMIT_FSIZE: the largest file it may write (stdout/stderr included)
+    disk_bytes: int = 32 << 20  # its tmpfs: all it may write, together
+    disk_files: int = 4096  # inodes of that tmpfs
     max_open_files: int = 64  # RLIMIT_NOFILE
-    max_processes: int = 16  # RLIMIT_NPROC for the sandbox uid (threads count)
+    max_processes: int = 16  # tasks (processes + threads) at once: RLIMIT_NPROC of its uid, pids cgroup
     output_bytes: int = 16 << 10  # of stdout and of stderr, kept in the result
 
 
 @dataclass
 class SandboxResult:
     status: str  # "passed", "failed", "timed out", "killed" (by a signal: limits), "error" (sandbox setup)
-    exit_code: int | None  # None when we killed it at the time limit; -N: signal N
+    exit_code: int | None  # None when it was killed at the time limit; -N: signal N
     stdout: str
     stderr: str
     seconds: float
+    cpu_seconds: float | None = None  # all its processes together (cpuacct)
 
     @property
     def passed(self) -> bool:
@@ -87,17 +92,11 @@ class SandboxResult:
 
 @dataclass(frozen=True)
 class Isolation:
-    """What this machine enforces for sandboxed programs, beyond limits + guard (always on)."""
-
-    separate_uid: bool
-    namespaces: bool
-    errors: tuple[str, ...] = field(default=())
+    """What this machine enforces for sandboxed programs (all of it, or isolation() raised)."""
 
     def describe(self) -> str:
-        parts = ["own process group", "rlimits", "python guard"]
-        parts.append("own uid" if self.separate_uid else "SAME uid as the harness")
-        parts.append("no network + private /tmp (namespaces)" if self.namespaces else "network blocked by guard only")
-        return ", ".join(parts)
+        return ("own uid, cgroup (memory, tasks, one CPU), PID/mount/network/IPC/UTS namespaces, "
+                "read-only host filesystem, private tmpfs, own /proc, rlimits")  # fmt: skip
 
 
 # --- the uid lease ---------------------------------------------------------------------
@@ -115,9 +114,6 @@ def _lock_dir() -> Path:
 @contextmanager
 def _lease_uid():
     """An unused sandbox uid, exclusive across threads and processes (flock) for the block."""
-    if os.geteuid() != 0:
-        yield None
-        return
     lock_dir = _lock_dir()
     for uid in range(UID_BASE, UID_BASE + UID_COUNT):
         fd = os.open(lock_dir / f"{uid}.lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -127,7 +123,6 @@ def _lease_uid():
             os.close(fd)
             continue
         try:
-            kill_uid(uid)  # leftovers of a harness that crashed while holding it
             yield uid
         finally:
             os.close(fd)  # releases the lock
@@ -135,62 +130,14 @@ def _lease_uid():
     raise SlmError(f"all {UID_COUNT} sandbox uids from {UID_BASE} are in use")
 
 
-def _status(pid: str) -> dict[str, str]:
-    """Fields of /proc/PID/status (raises FileNotFoundError/ProcessLookupError if it is gone)."""
-    with open(f"/proc/{pid}/status") as f:
-        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
-
-
-def _live_processes(uid: int | None = None):
-    """(pid, status) of every process that is not a zombie, of `uid` (real or effective) if given."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            st = _status(pid)
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if st.get("State", "").startswith("Z"):  # already dead, waiting for its parent to reap it
-            continue
-        if uid is None or uid in [int(x) for x in st.get("Uid", "").split()[:2]]:
-            yield int(pid), st
-
-
-def kill_uid(uid: int, attempts: int = 100) -> int:
-    """SIGKILL every live process running as `uid` (a sandbox uid: ours alone), until none is left."""
-    killed = 0
-    for _ in range(attempts):
-        found = 0
-        for pid, _st in _live_processes(uid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-                found += 1
-            except ProcessLookupError:
-                pass
-        if not found:
-            return killed
-        killed += found
-        time.sleep(0.005)
-    return killed
-
-
-def _count_own_tasks() -> int:
-    """Processes and threads of our real uid: what RLIMIT_NPROC counts."""
-    return sum(int(st.get("Threads", "1")) for _pid, st in _live_processes(os.getuid()))
-
-
 # --- running ---------------------------------------------------------------------------
 
 
-def _launch_cmd(cfg: dict) -> list[str]:
-    return [sys.executable, "-I", "-S", "-B", str(LAUNCHER), json.dumps(cfg)]
-
-
-def _env(workdir: str) -> dict[str, str]:
+def _env() -> dict[str, str]:
     return {
         "PATH": "/usr/bin:/bin",
-        "HOME": workdir,
-        "TMPDIR": workdir,
+        "HOME": "/tmp",  # its own tmpfs, inside the sandbox
+        "TMPDIR": "/tmp",
         "LANG": "C.UTF-8",
         "LC_ALL": "C.UTF-8",
         "OMP_NUM_THREADS": "1",
@@ -198,25 +145,10 @@ def _env(workdir: str) -> dict[str, str]:
     }
 
 
-def _make_workdir(uid: int | None) -> str:
-    workdir = tempfile.mkdtemp(prefix="slm-sandbox-")
-    if uid is not None:
-        os.chown(workdir, uid, uid)
-    return workdir
-
-
 def _wait_exit(proc: subprocess.Popen, timeout: float) -> bool:
     """Wait until `proc` has exited without reaping it (so its pid, hence its process group id,
     cannot be reused before we kill the group). False on timeout."""
-    try:
-        fd = os.pidfd_open(proc.pid)
-    except (AttributeError, OSError):  # before Linux 5.3: poll
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is not None:
-                return True
-            time.sleep(0.005)
-        return False
+    fd = os.pidfd_open(proc.pid)
     try:
         poller = select.poll()  # not select(): our fds may be numbered above FD_SETSIZE
         poller.register(fd, select.POLLIN)
@@ -235,90 +167,82 @@ def _read_head(f, limit: int) -> str:
 def run_program(source: str, limits: SandboxLimits = SandboxLimits(), guard: bool = True) -> SandboxResult:
     """Run `source` as a Python program in the sandbox and report its outcome. Never raises for
     anything the program does. `guard=False` leaves only the OS-level walls (for tests of them)."""
-    iso = isolation()
+    if os.geteuid() != 0:
+        raise SlmError("the sandbox needs root (namespaces, cgroups, a uid of its own for the program); "
+                       "run as root, e.g. in a container")  # fmt: skip
     cpu = limits.cpu_seconds if limits.cpu_seconds is not None else math.ceil(limits.timeout) + 1
     with _lease_uid() as uid:
-        # Root ignores RLIMIT_NPROC and a shared uid's count includes all our processes: only a
-        # sandbox uid gets the plain limit; otherwise leave room above what we already run.
-        nproc = limits.max_processes if uid is not None else _count_own_tasks() + limits.max_processes
-        workdir = _make_workdir(uid)
+        group = sandbox_cgroup.create(str(uid), limits.memory_bytes, limits.max_processes + LAUNCHER_TASKS)
         try:
-            Path(workdir, PROGRAM_NAME).write_text(source, encoding="utf-8")
             cfg = {
-                "program": PROGRAM_NAME,
-                "workdir": workdir,
+                "source": source,
                 "uid": uid,
-                "gid": uid,
-                "namespaces": iso.namespaces,
                 "guard": guard,
+                "timeout": limits.timeout,
+                "cgroup_procs": group.procs_files,
                 "limits": {
                     "memory_bytes": limits.memory_bytes,
                     "cpu_seconds": cpu,
                     "file_bytes": limits.file_bytes,
+                    "disk_bytes": limits.disk_bytes,
+                    "disk_files": limits.disk_files,
                     "max_open_files": limits.max_open_files,
-                    "max_processes": nproc,
+                    "max_processes": limits.max_processes,
                 },
             }
-            return _run(cfg, workdir, limits, uid)
+            return _run(cfg, limits, group)
         finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+            group.destroy()
 
 
-def _run(cfg: dict, workdir: str, limits: SandboxLimits, uid: int | None) -> SandboxResult:
+def _run(cfg: dict, limits: SandboxLimits, group: sandbox_cgroup.SampleCgroup) -> SandboxResult:
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(
-            _launch_cmd(cfg),
-            cwd=workdir,
-            env=_env(workdir),
-            stdin=subprocess.DEVNULL,
+            [sys.executable, "-I", "-S", "-B", str(LAUNCHER)],
+            cwd="/",
+            env=_env(),
+            stdin=subprocess.PIPE,
             stdout=out,
             stderr=err,
             start_new_session=True,  # its own session and process group: pgid == pid
             close_fds=True,
         )
-        finished = _wait_exit(proc, limits.timeout)
-        # The leader is exited-but-unreaped (or still running): the group id is still ours to kill.
+        try:  # the configuration and source go through a pipe, never onto a command line
+            proc.stdin.write(json.dumps(cfg).encode())
+            proc.stdin.close()
+        except BrokenPipeError:  # it died at once: its exit code and stderr say why
+            pass
+        finished = _wait_exit(proc, limits.timeout + GRACE_SECONDS)
+        # The outer launcher is exited-but-unreaped (or still running): the group id is still ours.
+        # Killing it (and the supervisor, PID 1 of the sample's namespace) kills the whole namespace.
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
         code = proc.wait()
         seconds = time.perf_counter() - t0
-        if uid is not None:  # processes that left the group (setsid) still run as the sandbox uid
-            kill_uid(uid)
+        cpu_seconds = group.cpu_seconds()
         stdout, stderr = _read_head(out, limits.output_bytes), _read_head(err, limits.output_bytes)
-    if not finished:
-        return SandboxResult("timed out", None, stdout, stderr, seconds)
+    if not finished or code == TIMED_OUT:
+        return SandboxResult("timed out", None, stdout, stderr, seconds, cpu_seconds)
     if code == 0:
         status = "passed"
     elif code == SETUP_FAILED:
         status = "error"
-    elif code < 0:
+    elif code > SIGNALED:
+        status, code = "killed", SIGNALED - code
+    elif code < 0:  # the outer launcher itself was killed (the memory cgroup's OOM kill)
         status = "killed"
     else:
         status = "failed"
-    return SandboxResult(status, code, stdout, stderr, seconds)
+    return SandboxResult(status, code, stdout, stderr, seconds, cpu_seconds)
 
 
 @functools.lru_cache(maxsize=1)
 def isolation() -> Isolation:
-    """Probe once what the kernel lets us enforce here (a launcher run that tries each layer)."""
-    with _lease_uid() as uid:
-        workdir = _make_workdir(uid)
-        try:
-            cfg = {"probe": True, "workdir": workdir, "uid": uid, "gid": uid}
-            proc = subprocess.run(
-                _launch_cmd(cfg), cwd=workdir, env=_env(workdir), stdin=subprocess.DEVNULL,
-                capture_output=True, text=True, timeout=30, start_new_session=True,
-            )  # fmt: skip
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-    try:
-        report = json.loads(proc.stdout)
-    except json.JSONDecodeError:
-        raise SlmError(f"sandbox probe failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}") from None
-    if uid is not None and not report["separate_uid"]:
-        # Running untrusted code as root is not an option we offer.
-        raise SlmError(f"sandbox: running as root but cannot switch to uid {uid}: {report['errors']}")
-    return Isolation(report["separate_uid"], report["namespaces"], tuple(report["errors"]))
+    """Check once that this machine can build the whole sandbox: a program that must pass does."""
+    r = run_program("pass", SandboxLimits(timeout=30.0))
+    if not r.passed:
+        raise SlmError(f"the sandbox cannot be built on this machine ({r.summary}): {r.stderr.strip()[-500:]}")
+    return Isolation()
