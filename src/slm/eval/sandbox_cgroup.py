@@ -15,6 +15,7 @@ cgroup v2 gets a one-line error, not a weaker sandbox.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import time
@@ -52,6 +53,7 @@ def _own_paths() -> dict[str, str]:
     return paths
 
 
+@functools.lru_cache(maxsize=1)
 def _parents() -> dict[str, Path]:
     mounts, own = _mounts(), _own_paths()
     missing = [c for c in CONTROLLERS if c not in mounts or c not in own]

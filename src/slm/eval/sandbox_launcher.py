@@ -32,7 +32,6 @@ import _io
 import _posixsubprocess
 import builtins
 import ctypes
-import hmac
 import io
 import json
 import os
@@ -179,7 +178,7 @@ def supervise(cfg: dict) -> int:
         report = b""
     if os.WIFSIGNALED(status):
         return SIGNALED + os.WTERMSIG(status)
-    passed = hmac.compare_digest(report, token) and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    passed = report == token and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
     return 0 if passed else 1
     # Returning ends PID 1: the kernel SIGKILLs whatever the program left running in the namespace.
 
