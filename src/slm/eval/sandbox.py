@@ -2,7 +2,7 @@
 
 The harness never runs generated code in its own process. Each program gets (built by
 `sandbox_launcher`, in this order; docs/SECURITY.md says why each is there):
-  - its own cgroup (`sandbox_cgroup`): memory, tasks and CPU bounded for the sample as a whole;
+  - its own cgroup (`sandbox_cgroup`): memory, tasks and CPU time bounded for the sample as a whole;
   - new mount, PID, network, IPC, UTS and cgroup namespaces: every mount of the host read-only,
     its only writable place a size-limited tmpfs on /tmp (cwd and HOME), its own /proc in
     which it sees only its own processes, no network at all;
@@ -55,7 +55,7 @@ UID_BASE, UID_COUNT = 61000, 512
 class SandboxLimits:
     timeout: float = 3.0  # wall seconds, from the supervisor's start; the harness kills GRACE_SECONDS later
     memory_bytes: int = 1 << 30  # the whole sample (memory cgroup), and each process's RLIMIT_AS
-    cpu_seconds: int | None = None  # RLIMIT_CPU per process; None: the timeout rounded up, plus one
+    cpu_seconds: int | None = None  # all its processes together, and each (RLIMIT_CPU); None: timeout rounded up + 1
     file_bytes: int = 16 << 20  # RLIMIT_FSIZE: the largest file it may write (stdout/stderr included)
     disk_bytes: int = 32 << 20  # its tmpfs: all it may write, together
     disk_files: int = 4096  # inodes of that tmpfs
@@ -95,7 +95,7 @@ class Isolation:
     """What this machine enforces for sandboxed programs (all of it, or isolation() raised)."""
 
     def describe(self) -> str:
-        return ("own uid, cgroup (memory, tasks, one CPU), PID/mount/network/IPC/UTS namespaces, "
+        return ("own uid, cgroup (memory, tasks, CPU time), PID/mount/network/IPC/UTS namespaces, "
                 "read-only host filesystem, private tmpfs, own /proc, rlimits")  # fmt: skip
 
 
@@ -180,6 +180,7 @@ def run_program(source: str, limits: SandboxLimits = SandboxLimits(), guard: boo
                 "guard": guard,
                 "timeout": limits.timeout,
                 "cgroup_procs": group.procs_files,
+                "cpu_usage_file": group.cpu_usage_file,
                 "limits": {
                     "memory_bytes": limits.memory_bytes,
                     "cpu_seconds": cpu,

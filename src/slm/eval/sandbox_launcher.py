@@ -6,8 +6,8 @@ on the command line) and stdout/stderr to the harness's files. Standard library 
 imports slm (-I -S: no site-packages, no script directory on sys.path).
 
 Three processes, in this order:
-  outer (host PID namespace): joins the sample's cgroups (memory, pids, cpu, cpuacct: limits
-      for the sample as a whole), unshares new mount, PID, network, IPC, UTS and cgroup
+  outer (host PID namespace): joins the sample's cgroups (memory, pids, cpuacct: limits for
+      the sample as a whole), unshares new mount, PID, network, IPC, UTS and cgroup
       namespaces, forks the supervisor and exits with its verdict.
   supervisor (PID 1 of the new PID namespace, root): makes every mount private, hides a
       closed interpreter directory (pyenv under /root) except the standard library, makes
@@ -15,7 +15,7 @@ Three processes, in this order:
       writable place, a size-limited tmpfs on /tmp owned by the sandbox uid, and a fresh
       read-only /proc of this PID namespace in which the program cannot see PID 1
       (hidepid=invisible). It forks the program, reaps orphans, kills the whole namespace at
-      the wall-time limit, and judges: "passed" only if the program process wrote the per-run
+      the wall-time limit or when all its processes together used their CPU seconds, and judges: "passed" only if the program process wrote the per-run
       token, which it reads from a pipe only after the program's code returned. When it
       exits, the kernel kills every process left in the namespace (setsid, fork chains).
   program (PID 2): rlimits, then the sandbox uid (no root, no capabilities, no new privileges,
@@ -24,7 +24,7 @@ Three processes, in this order:
 
 Exit status of the outer process: 0 passed; 1 failed; 125 the sandbox could not be set up (the
 program never ran); 124 the supervisor's own wall-time kill; 128+N the program was killed by
-signal N (an rlimit, the memory cgroup's OOM kill).
+signal N (an rlimit, the memory cgroup's OOM kill; SIGXCPU: the sample's total CPU time).
 """
 
 # Everything the launcher and the program's guard need is imported now, as root.
@@ -41,11 +41,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import traceback
 import types
 
 SETUP_FAILED, TIMED_OUT, SIGNALED = 125, 124, 128
 TOKEN_BYTES = 16
+TICK_SECONDS = 0.05  # how often the supervisor checks the sample's wall and CPU time
 
 CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS = 0x00020000, 0x02000000, 0x04000000
 CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x08000000, 0x20000000, 0x40000000
@@ -149,6 +151,7 @@ def supervise(cfg: dict) -> int:
     libc("prctl", PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)  # the outer process died: so do we all
     if os.getpid() != 1:
         raise OSError(f"not PID 1 of a new PID namespace (pid {os.getpid()})")
+    cpu_fd = os.open(cfg["cpu_usage_file"], os.O_RDONLY | os.O_CLOEXEC)  # cpuacct.usage of the sample's cgroup
     build_mounts(cfg)
     for name in PREIMPORTED:  # as root, once; the program's fork inherits them
         __import__(name)
@@ -157,13 +160,23 @@ def supervise(cfg: dict) -> int:
     sys.stdout.flush(), sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
-        os.close(token_w), os.close(report_r)
+        os.close(token_w), os.close(report_r), os.close(cpu_fd)
         program(cfg, token_r, report_w)  # never returns
     os.close(token_r), os.close(report_w)
     os.set_blocking(report_r, False)
-    # The wall-time limit is also ours, so that a sample ends even if the harness is gone.
-    signal.signal(signal.SIGALRM, lambda *_: os._exit(TIMED_OUT))
-    signal.setitimer(signal.ITIMER_REAL, cfg["timeout"])
+    # The limits on the sample as a whole: wall time (also ours, so that a sample ends even if
+    # the harness is gone) and the CPU time of all its processes together, checked every tick.
+    deadline = time.monotonic() + cfg["timeout"]
+    cpu_budget_ns = cfg["limits"]["cpu_seconds"] * 1e9
+
+    def on_tick(*_):
+        if time.monotonic() >= deadline:
+            os._exit(TIMED_OUT)
+        if int(os.pread(cpu_fd, 32, 0)) > cpu_budget_ns:
+            os._exit(SIGNALED + signal.SIGXCPU)
+
+    signal.signal(signal.SIGALRM, on_tick)
+    signal.setitimer(signal.ITIMER_REAL, TICK_SECONDS, TICK_SECONDS)
     token = os.urandom(TOKEN_BYTES)
     os.write(token_w, token)
     os.close(token_w)
