@@ -1,8 +1,8 @@
 """Hostile programs are contained by slm.eval.sandbox, reported as failures, and the run goes on.
 
-Each hostile case runs twice where the machine allows it: with the Python guard (the default),
-and with the guard off (`guard=False`), which shows that the kernel-level walls alone (own uid,
-namespaces, rlimits, process-group kill) contain it.
+Each hostile case runs twice: with the Python guard (the default), and with the guard off
+(`guard=False`), which shows that the kernel-level walls alone (own uid, namespaces, read-only
+mounts, cgroup, rlimits) contain it. The issue-13 attacks are in test_sandbox_attacks.py.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import hashlib
 import math
 import os
 import signal
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,20 +22,16 @@ from pathlib import Path
 
 import pytest
 
-from slm.eval.sandbox import SandboxLimits, isolation, run_program
+from slm.eval.sandbox import SandboxLimits, run_program
 
 # Generous for programs that end by themselves (the machine may be loaded); hostile loops get short ones.
 LIMITS = SandboxLimits(timeout=5.0)
-ISO = isolation()
-
-needs_uid = pytest.mark.skipif(not ISO.separate_uid, reason="needs root (a separate sandbox uid)")
-needs_ns = pytest.mark.skipif(not ISO.namespaces, reason="needs network/mount namespaces")
 
 GUARDED = pytest.param(True, id="guard")
 
 
-def os_only(*marks):
-    return pytest.param(False, id="os-only", marks=list(marks))
+def os_only():
+    return pytest.param(False, id="os-only")
 
 
 def snapshot(root: Path) -> dict[str, tuple]:
@@ -50,12 +47,15 @@ def snapshot(root: Path) -> dict[str, tuple]:
 
 
 @pytest.fixture
-def sentinel(tmp_path):
-    d = tmp_path / "sentinel"
+def sentinel():
+    """Files of ours outside /tmp (which the sandbox replaces by its own tmpfs), where it can see them."""
+    root = Path("/var/tmp") / f"slm-sentinel-{uuid.uuid4().hex}"
+    d = root / "sentinel"
     (d / "sub").mkdir(parents=True)
     (d / "keep.txt").write_text("precious\n")
     (d / "sub" / "data.bin").write_bytes(os.urandom(256))
-    return d
+    yield d
+    shutil.rmtree(root)
 
 
 def uid_alive(uid: int) -> list[int]:
@@ -109,7 +109,7 @@ def test_ten_gigabyte_allocation_fails(guard):
     assert r.status == "failed" and "MemoryError" in r.summary and "allocated" not in r.stdout
 
 
-@pytest.mark.parametrize("guard", [GUARDED, os_only(needs_uid)])
+@pytest.mark.parametrize("guard", [GUARDED, os_only()])
 def test_fork_bomb_is_contained_and_leaves_nothing_behind(guard):
     # Children leave the process group (setsid) so that only the uid sweep can find them.
     bomb = (
@@ -132,11 +132,11 @@ def test_fork_bomb_is_contained_and_leaves_nothing_behind(guard):
     assert after.passed and after.stdout == "still working\n"
 
 
-@pytest.mark.parametrize("guard", [GUARDED, os_only(needs_uid, needs_ns)])
-def test_files_outside_its_directory_are_untouched(guard, sentinel, tmp_path):
+@pytest.mark.parametrize("guard", [GUARDED, os_only()])
+def test_files_outside_its_directory_are_untouched(guard, sentinel):
     escape = Path("/tmp") / f"slm-sandbox-escape-{uuid.uuid4().hex}"
     escape_home = Path.home() / f"slm-sandbox-escape-{uuid.uuid4().hex}"
-    before = snapshot(tmp_path)
+    before = snapshot(sentinel.parent)
     attacks = [
         f"import os; os.remove({str(sentinel / 'keep.txt')!r})",
         f"import shutil; shutil.rmtree({str(sentinel)!r})",
@@ -155,24 +155,25 @@ def test_files_outside_its_directory_are_untouched(guard, sentinel, tmp_path):
     for attack in attacks:
         program = f"open('mine.txt', 'w').write('ok')\n{attack}\nprint('attack ran')"
         r = run_program(program, LIMITS, guard=guard)
-        # In a private mount namespace a write to /tmp "succeeds" into a throwaway tmpfs.
+        # /tmp inside is its own throwaway tmpfs: a write there "succeeds".
         if r.passed:
-            assert not guard and "/tmp/" in attack and "attack ran" in r.stdout, (attack, r)
+            assert "/tmp/" in attack and "attack ran" in r.stdout, (attack, r)
         else:
             assert r.status == "failed", (attack, r)
-    assert snapshot(tmp_path) == before
+    assert snapshot(sentinel.parent) == before
     assert not escape.exists() and not escape_home.exists()
 
 
-@pytest.mark.parametrize("guard", [pytest.param(False, id="os-only")])
-def test_its_directory_is_removed_afterwards(guard):
-    r = run_program("import os\nopen('f', 'w').write('x')\nprint(os.getcwd())", LIMITS, guard=guard)
-    assert r.passed
-    workdir = Path(r.stdout.strip())
-    assert workdir.name.startswith("slm-sandbox-") and not workdir.exists()
+@pytest.mark.parametrize("guard", [GUARDED, os_only()])
+def test_its_directory_is_a_private_tmpfs(guard):
+    name = f"slm-own-{uuid.uuid4().hex}"
+    r = run_program(f"import os\nopen({name!r}, 'w').write('x')\nprint(os.getcwd(), os.listdir('.'))", LIMITS,
+                    guard=guard)  # fmt: skip
+    assert r.passed and r.stdout == f"/tmp [{name!r}]\n", r  # nothing of the host's /tmp in it
+    assert not (Path("/tmp") / name).exists()
 
 
-@pytest.mark.parametrize("guard", [GUARDED, os_only(needs_ns)])
+@pytest.mark.parametrize("guard", [GUARDED, os_only()])
 def test_network_socket_gets_no_connection(guard):
     server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     server.bind(("127.0.0.1", 0))
@@ -194,7 +195,7 @@ def test_network_socket_gets_no_connection(guard):
         server.close()
 
 
-@pytest.mark.parametrize("guard", [GUARDED, os_only(needs_uid)])
+@pytest.mark.parametrize("guard", [GUARDED, os_only()])
 @pytest.mark.parametrize(
     "attack",
     [
@@ -211,9 +212,8 @@ def test_killing_its_parent_or_anything_else_fails(guard, attack):
     try:
         r = run_program(f"import os, signal\n{attack}\nprint('survived')", LIMITS, guard=guard)
         assert victim.poll() is None, "the bystander process was killed"
-        if guard or "-1" not in attack:
-            assert r.status == "failed" and "survived" not in r.stdout, r
-        # (kill(-1) as the sandbox uid reaches only the program itself, so it may even "pass".)
+        # Its parent is the supervisor (root, invisible); kill(-1) and killpg reach only itself.
+        assert not r.passed and "survived" not in r.stdout, r
     finally:
         victim.kill()
         victim.wait()
@@ -230,15 +230,14 @@ def test_environment_and_limits_inside():
     assert r.passed
     env_line, limits = r.stdout.split("\n", 1)
     assert "SLM_TEST_SECRET" not in env_line and "hunter2" not in r.stdout
-    assert "'PATH'" in env_line and "'HOME'" in env_line
+    assert "'PATH'" in env_line and "'HOME'" in env_line and "'TMPDIR'" in env_line
     rows = {line[:26].strip(): line[26:].split() for line in limits.splitlines()[1:] if line.strip()}
     assert rows["Max address space"][:2] == [str(LIMITS.memory_bytes)] * 2
     assert rows["Max file size"][0] == str(LIMITS.file_bytes)
     assert rows["Max open files"][0] == str(LIMITS.max_open_files)
     assert rows["Max core file size"][0] == "0"
     assert rows["Max cpu time"][0] == str(math.ceil(LIMITS.timeout) + 1)
-    if ISO.separate_uid:
-        assert rows["Max processes"][0] == str(LIMITS.max_processes)
+    assert rows["Max processes"][0] == str(LIMITS.max_processes)
 
 
 def test_output_is_truncated():

@@ -6,11 +6,13 @@ which shows that the kernel's walls alone hold.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import uuid
 from pathlib import Path
@@ -33,8 +35,29 @@ def program(attack: str) -> str:
     return check_program(PROBLEM, WRONG + textwrap.dedent(attack))
 
 
+def leased(uid: int) -> bool:
+    """Whether some harness (another test run on this machine, say) holds sandbox uid `uid` now."""
+    lock = Path(tempfile.gettempdir()) / "slm-sandbox-uids" / f"{uid}.lock"
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def is_leftover(uid: int) -> bool:
+    """A sandbox uid that no harness holds: nothing of it may exist."""
+    return UID_BASE <= uid < UID_BASE + UID_COUNT and not leased(uid)
+
+
 def sandbox_pids() -> list[int]:
-    """Live (non-zombie) processes whose real or effective uid is a sandbox uid."""
+    """Live (non-zombie) processes of a sandbox uid that no running harness holds."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -43,7 +66,7 @@ def sandbox_pids() -> list[int]:
         except (FileNotFoundError, ProcessLookupError):
             continue
         uids = [int(u) for u in fields["Uid"].split()[:2]]
-        if not fields["State"].split()[0] == "Z" and any(UID_BASE <= u < UID_BASE + UID_COUNT for u in uids):
+        if not fields["State"].split()[0] == "Z" and any(is_leftover(u) for u in uids):
             found.append(int(pid))
     return found
 
@@ -84,7 +107,7 @@ def host_traces(marker: str) -> list[str]:
                     uid = e.stat(follow_symlinks=False).st_uid
                 except FileNotFoundError:
                     continue
-                if marker in e.name or UID_BASE <= uid < UID_BASE + UID_COUNT:
+                if marker in e.name or is_leftover(uid):
                     hits.append(e.path)
     return hits
 
@@ -250,9 +273,10 @@ PROTOCOL_LIMITS = {
                 def check(candidate):
                     pass
                 check.swapped = True
-                g['check'] = check
-            return None
+                g['check'] = check  # before the line `check(f)` runs
+            return tracer
         sys.settrace(tracer)
+        sys._getframe().f_trace = tracer  # line events of the program's own frame too
     """,
 }
 EQ_PROBLEM = Problem("Limit/0", "def f():\n", "f", "def check(candidate):\n    assert candidate() == 42\n")
@@ -362,7 +386,7 @@ def test_tasks_are_bounded_for_the_sample_as_a_whole():
         finally:
             print(n, flush=True)
     """
-    r = run_program(threads, LIMITS, guard=False)
+    r = run_program(textwrap.dedent(threads), LIMITS, guard=False)
     assert r.status == "failed" and int(r.stdout) < LIMITS.max_processes, r
 
 
