@@ -170,6 +170,29 @@ def test_a_fresh_writable_mount_of_the_host_is_read_only_inside(tmp_path):
         target.rmdir()
 
 
+def test_its_own_user_namespace_does_not_make_the_host_writable():
+    # Unprivileged user namespaces make it "root" over new namespaces of its own; the mounts it
+    # inherits stay locked read-only (the kernel refuses to clear a flag set by a more privileged owner).
+    escape = """
+        import ctypes, os
+        libc = ctypes.CDLL(None, use_errno=True)
+        uid = os.getuid()
+        if libc.unshare(0x10000000 | 0x00020000) == 0:  # CLONE_NEWUSER | CLONE_NEWNS
+            try:  # /proc is read-only: no id map; its capabilities over the new namespaces stay
+                open('/proc/self/uid_map', 'w').write(f'0 {uid} 1')
+            except OSError as e:
+                print(e, flush=True)
+            print('own user namespace', flush=True)
+            for target in (b'/', b'/run/lock', b'/dev/shm'):
+                rc = libc.mount(None, target, None, 0x20 | 0x1000, None)  # MS_REMOUNT | MS_BIND, without MS_RDONLY
+                print(target, rc, ctypes.get_errno(), flush=True)
+        open('/run/lock/slm_userns_marker', 'w').write('x')
+    """
+    r = run_program(program(escape), LIMITS, guard=False)
+    assert not r.passed and not Path("/run/lock/slm_userns_marker").exists(), r
+    assert "Errno 30" in r.stderr or "Permission denied" in r.stderr or "Read-only" in r.stderr, r
+
+
 @pytest.mark.parametrize("guard", BOTH)
 def test_its_own_directory_is_writable_but_bounded(guard):
     ok = run_program("open('/tmp/a', 'w').write('x' * 1000)\nprint(open('a').read()[:3])", LIMITS, guard=guard)
