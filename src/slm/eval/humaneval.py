@@ -161,7 +161,7 @@ def confirm_code_execution(allowed: bool, what: str) -> None:
             return
     raise SlmError(
         f"{what} executes untrusted, model-generated code: pass --allow-code-execution to run it "
-        "(each program runs in slm's sandbox: own process group, uid and temp dir, resource limits)"
+        "(each program runs in slm's sandbox: own uid, namespaces and cgroup, read-only host; docs/SECURITY.md)"
     )
 
 
