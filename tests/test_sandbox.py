@@ -22,7 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from slm.eval.sandbox import SandboxLimits, run_program
+from slm.errors import SlmError
+from slm.eval import sandbox_cgroup
+from slm.eval.humaneval import Problem, Sample, execute_samples
+from slm.eval.sandbox import SandboxLimits, isolation, run_program
 
 # Generous for programs that end by themselves (the machine may be loaded); hostile loops get short ones.
 LIMITS = SandboxLimits(timeout=5.0)
@@ -260,3 +263,32 @@ def test_hostile_and_good_programs_in_parallel():
         futures = {k: pool.submit(run_program, src, limits) for k, (src, limits, _) in programs.items()}
         got = {k: f.result().status for k, f in futures.items()}
     assert got == {k: want for k, (_, _, want) in programs.items()}
+
+
+@pytest.mark.parametrize("field", ["timeout", "disk_bytes", "disk_files", "memory_bytes", "cpu_seconds"])
+@pytest.mark.parametrize("value", [0, -1, float("nan"), float("inf")])
+def test_limits_that_would_mean_no_limit_are_refused(field, value):
+    with pytest.raises(SlmError, match=f"sandbox limit {field} must be a finite number > 0"):
+        SandboxLimits(**{field: value})
+
+
+def test_a_missing_kernel_feature_is_a_one_line_error_not_a_weaker_sandbox(monkeypatch):
+    monkeypatch.setattr(sandbox_cgroup, "_mounts", lambda: {})
+    sandbox_cgroup._parents.cache_clear()
+    try:
+        with pytest.raises(SlmError, match="needs the cgroup v1 controllers memory, pids, cpuacct"):
+            run_program("pass", LIMITS)
+    finally:
+        monkeypatch.undo()
+        sandbox_cgroup._parents.cache_clear()
+
+
+def test_a_setup_failure_inside_is_an_error_of_the_run_not_the_models_failure(monkeypatch):
+    # The real launcher, given a cgroup file that does not exist: it refuses to run the program.
+    isolation()  # the machine's probe passed (cached) before the fault
+    monkeypatch.setattr(sandbox_cgroup.SampleCgroup, "cpu_usage_file", property(lambda self: "/nonexistent/usage"))
+    r = run_program("pass", LIMITS)
+    assert r.status == "error" and "sandbox: setup failed" in r.stderr, r
+    problem = Problem("T/0", "def f():\n", "f", "def check(c):\n    assert c() == 1\n")
+    with pytest.raises(SlmError, match="sandbox setup failed for T/0"):
+        execute_samples({"T/0": problem}, [Sample("T/0", "    return 1\n")], allow_code_execution=True, limits=LIMITS)

@@ -63,6 +63,12 @@ class SandboxLimits:
     max_processes: int = 16  # tasks (processes + threads) at once: RLIMIT_NPROC of its uid, pids cgroup
     output_bytes: int = 16 << 10  # of stdout and of stderr, kept in the result
 
+    def __post_init__(self):
+        # A zero tmpfs size means "unlimited" to the kernel, a NaN timeout never fires: refuse both.
+        for name, value in vars(self).items():
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise SlmError(f"sandbox limit {name} must be a finite number > 0, got {value!r}")
+
 
 @dataclass
 class SandboxResult:

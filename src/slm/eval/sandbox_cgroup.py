@@ -81,8 +81,11 @@ class SampleCgroup:
     def cpu_usage_file(self) -> str:
         return str(self.dirs["cpuacct"] / "cpuacct.usage")
 
-    def cpu_seconds(self) -> float:
-        return int(Path(self.cpu_usage_file).read_text()) / 1e9
+    def cpu_seconds(self) -> float | None:
+        try:
+            return int(Path(self.cpu_usage_file).read_text()) / 1e9
+        except (OSError, ValueError):  # reporting only: the limit itself is the supervisor's
+            return None
 
     def pids(self) -> set[int]:
         found = set()
