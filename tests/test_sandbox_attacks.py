@@ -171,9 +171,24 @@ def test_a_fresh_writable_mount_of_the_host_is_read_only_inside(tmp_path):
         target.rmdir()
 
 
+def test_calls_that_reach_kernel_state_outside_its_namespaces_are_refused():
+    calls = {
+        "unshare(CLONE_NEWUSER)": "libc.unshare(0x10000000)",
+        "add_key": "libc.syscall(248 if X86 else 217, b'user', b'slm', b'v', 1, -2)",  # its uid's keyring
+        "mount": "libc.mount(b'tmpfs', b'/mnt', b'tmpfs', 0, None)",
+        "ptrace(TRACEME)": "libc.ptrace(0, 0, None, None)",
+        "setns": "libc.setns(0, 0)",
+    }
+    probe = "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nX86 = os.uname().machine == 'x86_64'\n"
+    probe += "".join(f"print({name!r}, {call}, ctypes.get_errno())\n" for name, call in calls.items())
+    r = run_program(probe, LIMITS, guard=False)
+    assert r.passed, r
+    assert r.stdout.splitlines() == [f"{name} -1 1" for name in calls], r.stdout  # -1, EPERM
+
+
 def test_its_own_user_namespace_does_not_make_the_host_writable():
-    # Unprivileged user namespaces make it "root" over new namespaces of its own; the mounts it
-    # inherits stay locked read-only (the kernel refuses to clear a flag set by a more privileged owner).
+    # seccomp refuses unshare (above); were it allowed, the mounts it inherits would stay locked
+    # read-only (the kernel refuses to clear a flag set by a more privileged owner): either way, EROFS.
     escape = """
         import ctypes, os
         libc = ctypes.CDLL(None, use_errno=True)
