@@ -179,7 +179,8 @@ def test_calls_that_reach_kernel_state_outside_its_namespaces_are_refused():
         "ptrace(TRACEME)": "libc.ptrace(0, 0, None, None)",
         "setns": "libc.setns(0, 0)",
     }
-    probe = "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nX86 = os.uname().machine == 'x86_64'\n"
+    probe = "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+    probe += "X86 = os.uname().machine == 'x86_64'\n"
     probe += "".join(f"print({name!r}, {call}, ctypes.get_errno())\n" for name, call in calls.items())
     r = run_program(probe, LIMITS, guard=False)
     assert r.passed, r

@@ -8,7 +8,8 @@ The harness never runs generated code in its own process. Each program gets (bui
     which it sees only its own processes, no network at all;
   - a supervisor as PID 1 of its PID namespace: when the sample ends (its program returned or
     died, or the wall-time limit), every process it started dies with the namespace;
-  - its own uid (one per concurrent program, leased with a lock file), no new privileges;
+  - its own uid (one per concurrent program, leased with a lock file), no new privileges, a
+    seccomp filter against calls that reach kernel state outside its namespaces;
     rlimits per process (address space, CPU seconds, file size, open files, processes);
   - a minimal environment, stdin closed, stdout/stderr to files of which the head is kept;
   - a verdict from the supervisor: "passed" only if the program process handed back a per-run
@@ -102,7 +103,7 @@ class Isolation:
 
     def describe(self) -> str:
         return ("own uid, cgroup (memory, tasks, CPU time), PID/mount/network/IPC/UTS namespaces, "
-                "read-only host filesystem, private tmpfs, own /proc, rlimits")  # fmt: skip
+                "read-only host filesystem, private tmpfs, own /proc, seccomp, rlimits")  # fmt: skip
 
 
 # --- the uid lease ---------------------------------------------------------------------
