@@ -286,8 +286,10 @@ def test_a_wrong_completion_cannot_forge_a_pass(attack, guard):
 
 
 @pytest.mark.parametrize("guard", BOTH)
-@pytest.mark.parametrize("src", ["import posix\nposix._exit(125)", "raise SystemExit(125)", "x = " + "-" * 200_000 + "1"],
-                         ids=["os-exit-125", "systemexit-125", "compiler-bomb"])  # fmt: skip
+@pytest.mark.parametrize(
+    "src", ["import posix\nposix._exit(125)", "raise SystemExit(125)", "x = " + "-" * 200_000 + "1"],
+    ids=["os-exit-125", "systemexit-125", "compiler-bomb"],
+)
 def test_the_program_cannot_pass_off_its_failure_as_a_broken_sandbox(src, guard):
     # "error" (sandbox setup failed) aborts a whole scoring run: only the launcher may say it.
     r = run_program(src, LIMITS, guard=guard)

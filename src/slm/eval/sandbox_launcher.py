@@ -21,7 +21,8 @@ Three processes, in this order:
       kernel kills every process left in the namespace (setsid, fork chains).
   program (PID 2): rlimits, then the sandbox uid (no root, no capabilities, no new privileges,
       killed if the supervisor dies), a seccomp filter (no new namespaces, mounts, keyrings,
-      ptrace...), the Python guard (defense in depth), then exec of the source in a fresh __main__. Exits, exceptions and SystemExit never write the token.
+      ptrace...), the Python guard (defense in depth), then exec of the source in a fresh
+      __main__. Exits, exceptions and SystemExit never write the token.
 
 Exit status of the outer process: 0 passed; 1 failed; 125 the sandbox could not be set up (the
 program never ran); 124 the supervisor's own wall-time kill; 128+N the program was killed by
