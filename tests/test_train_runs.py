@@ -20,6 +20,8 @@ import torch
 
 from conftest import TRAIN_TEXT
 
+from slm.atomic import TMP_TAG
+
 # One intra-op thread per process: the tiny model gains nothing from more, and on a shared
 # 2-core machine extra OpenMP threads only spin against other processes.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -145,13 +147,13 @@ def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(data_dir
     out = tmp_path / "run"
     p = slm_train(*train_args(data_dir, out), env={**ENV, CRASH_ENV: "20"}, check=False)
     assert p.returncode == 17
-    leftovers = list((out / "checkpoints").glob(".tmp-step_00000020-*"))
+    leftovers = list((out / "checkpoints").glob(f".step_00000020{TMP_TAG}*"))
     assert leftovers and (leftovers[0] / "model.safetensors").exists()  # died mid-write
     assert latest_checkpoint(out).name == "step_00000010"
 
     assert slm_in_process("train", *train_args(data_dir, out), "--resume") == 0
     assert_bit_identical(final_weights(out), final_weights(reference_run))
-    assert not list((out / "checkpoints").glob(".tmp-*"))
+    assert not list((out / "checkpoints").glob(f"*{TMP_TAG}*"))
 
 
 def test_resume_refuses_a_changed_config_and_a_fresh_run_refuses_a_used_dir(data_dir, reference_run, capsys):

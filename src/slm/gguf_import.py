@@ -331,8 +331,9 @@ def _sentencepiece_bpe(meta: _Metadata, tokens: list[str], types: list[int]):
 
 def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, progress: bool | None = None) -> Path:
     """Convert a llama-architecture GGUF to a model directory (fp32 safetensors + tokenizer), atomically."""
-    from slm.weights import save_hf_dir
+    from slm.weights import check_out_dir, save_hf_dir
 
+    check_out_dir(out_dir)  # before the slow part
     if progress is None:
         progress = sys.stderr.isatty()
     config, hf, files = read_gguf(gguf_path, progress=progress)

@@ -41,6 +41,7 @@ from slm.data.loader import MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION
 from slm.data.shards import ShardWriter, token_dtype
 from slm.data.sources import Doc, ReadOptions, Skip, SourceSpec, WorkUnit, name_sources, plan_units, read_unit
 from slm.errors import SlmError
+from slm.paths import file_sha256
 
 SPLITS = ("train", "val")
 _SHARD_NAME = re.compile(r"^[A-Za-z0-9_]+\.(train|val)\.\d{5}\.bin(\.tmp)?$")
@@ -202,14 +203,6 @@ class _Packer:
     def abort(self) -> None:
         if self.writer is not None:
             self.writer.abort()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _settings(cfg: PrepareConfig, tok_sha: str) -> dict:

@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from slm.atomic import write_text
 from slm.errors import SlmError
 
 
@@ -166,9 +167,7 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 def save_config(cfg: TrainConfig, path) -> None:
-    from slm.train.checkpoint import write_text_atomic
-
-    write_text_atomic(path, json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    write_text(path, json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
 def load_config(path) -> TrainConfig:
