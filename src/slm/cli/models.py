@@ -75,16 +75,15 @@ class _TextStream:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import torch
-
     apply_threads(args)
 
     from slm.generate import generate
-    from slm.sampling import SamplingParams
+    from slm.sampling import SamplingParams, make_generator
     from slm.tokenizer import Tokenizer
     from slm.weights import load_model, resolve_model_dir
 
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    generator = make_generator(args.seed)
     model_dir = resolve_model_dir(args.model)
     model = load_model(model_dir)
     tokenizer = Tokenizer.load(model_dir)
@@ -95,7 +94,6 @@ def _generate(args: argparse.Namespace) -> int:
         prompt_text = apply_chat_template(model_dir, [{"role": "user", "content": args.prompt}])
     prompt = tokenizer.encode(prompt_text)
     stop_ids = [i for i in {model.config.eos_id, tokenizer.eos_id} if i is not None]
-    generator = torch.Generator().manual_seed(args.seed)
     stream = _TextStream(tokenizer) if (sys.stdout.isatty() and not args.json) else None
 
     if args.draft is not None:

@@ -137,6 +137,8 @@ def check(cfg: TrainConfig) -> None:
         raise SlmError(f"--parallel must be ddp or fsdp, got {cfg.parallel!r}")
     if cfg.dtype not in ("auto", "fp32", "bf16"):
         raise SlmError(f"--dtype must be auto, fp32 or bf16, got {cfg.dtype!r}")
+    if not 0 <= cfg.seed < 2**63:  # torch.manual_seed's range (numpy takes it mod 2**32)
+        raise SlmError(f"--seed must be in [0, 2**63), got {cfg.seed}")
     if cfg.time_budget is not None and cfg.time_budget <= 0:
         raise SlmError(f"--time-budget must be > 0 seconds, got {cfg.time_budget}")
 
