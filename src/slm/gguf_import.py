@@ -133,22 +133,23 @@ def config_from_metadata(meta: _Metadata, vocab_size: int, tied: bool) -> ModelC
     if rope_dim is not None and int(rope_dim) != dim // n_heads:
         raise SlmError(f"{meta.path}: partial rotary embeddings (rope.dimension_count={rope_dim}) are not supported")
     pad = meta.get("tokenizer.ggml.padding_token_id")
+    fields = dict(
+        vocab_size=vocab_size,
+        n_layers=meta.positive_int("llama.block_count"),
+        n_heads=n_heads,
+        n_kv_heads=meta.positive_int("llama.attention.head_count_kv", n_heads),
+        dim=dim,
+        ffn_dim=meta.positive_int("llama.feed_forward_length"),
+        max_seq_len=meta.positive_int("llama.context_length", 2048),
+        rope_theta=meta.positive_float("llama.rope.freq_base", 10000.0),
+        norm_eps=meta.positive_float("llama.attention.layer_norm_rms_epsilon", 1e-5),
+        tie_embeddings=tied,
+        bos_id=meta.get("tokenizer.ggml.bos_token_id", 1),
+        eos_id=meta.get("tokenizer.ggml.eos_token_id", 2),
+        extra_hf={} if pad is None else {"pad_token_id": int(pad)},
+    )
     try:
-        return ModelConfig(
-            vocab_size=vocab_size,
-            n_layers=meta.positive_int("llama.block_count"),
-            n_heads=n_heads,
-            n_kv_heads=meta.positive_int("llama.attention.head_count_kv", n_heads),
-            dim=dim,
-            ffn_dim=meta.positive_int("llama.feed_forward_length"),
-            max_seq_len=meta.positive_int("llama.context_length", 2048),
-            rope_theta=meta.positive_float("llama.rope.freq_base", 10000.0),
-            norm_eps=meta.positive_float("llama.attention.layer_norm_rms_epsilon", 1e-5),
-            tie_embeddings=tied,
-            bos_id=meta.get("tokenizer.ggml.bos_token_id", 1),
-            eos_id=meta.get("tokenizer.ggml.eos_token_id", 2),
-            extra_hf={} if pad is None else {"pad_token_id": int(pad)},
-        )
+        return ModelConfig(**fields)
     except SlmError as e:  # ModelConfig's own checks (e.g. heads not dividing the width): name the file
         raise SlmError(f"{meta.path}: {e}") from None
 

@@ -17,6 +17,8 @@ from slm.errors import SlmError
 
 # Below this, logits / temperature overflow float32 (inf - inf = NaN probabilities); 0 means greedy.
 MIN_TEMPERATURE = 1e-4
+# A smaller top-p rounds to 0 in float32, where the nucleus is computed.
+MIN_TOP_P = torch.finfo(torch.float32).tiny
 # torch.Generator.manual_seed takes a 64-bit seed.
 _SEED_RANGE = (-(2**63), 2**64 - 1)
 
@@ -44,6 +46,9 @@ class SamplingParams:
             raise SlmError(f"top-k must be an integer >= 1, got {self.top_k!r}")
         if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
             raise SlmError(f"top-p must be in (0, 1], got {self.top_p!r}")
+        if self.top_p is not None and self.top_p < MIN_TOP_P:
+            raise SlmError(f"top-p {self.top_p!r} is below the smallest float32 ({MIN_TOP_P:.3g}); "
+                           "a top-p that small keeps only the most likely token (use temperature 0)")
 
     @property
     def greedy(self) -> bool:

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -254,8 +256,15 @@ def read_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def _load_pickle(f: Path, typ: type):
     """One of slm's own torch.save files, with weights_only=True: plain containers and tensors only."""
     try:
-        obj = torch.load(f, weights_only=True, map_location="cpu")
-    except Exception as e:  # noqa: BLE001 - UnpicklingError, EOFError, RuntimeError...: all mean the same here
+        with warnings.catch_warnings():  # torch warns about a foreign pickle protocol: the error says enough
+            warnings.simplefilter("ignore")
+            obj = torch.load(f, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:
+        raise SlmError(f"{f}: refused: it holds objects other than tensors and plain containers "
+                       "(not a file slm wrote; never load it unrestricted)") from None
+    except EOFError:
+        raise SlmError(f"{f}: empty or truncated checkpoint file") from None
+    except Exception as e:  # noqa: BLE001 - RuntimeError (bad zip), OSError...: all mean a broken file here
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise SlmError(f"{f}: not a valid checkpoint file ({type(e).__name__}: {first[:200]})") from None
     if not isinstance(obj, typ):
