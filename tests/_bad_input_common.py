@@ -24,7 +24,8 @@ def snapshot(root: Path) -> dict[str, tuple]:
     return out
 
 
-def prepare_tiny_data(root: Path, tokenizer_dir: Path) -> Path:
+def prepare_tiny_data(root: Path, tokenizer_dir: Path, n_docs: int = 20) -> Path:
+    """ROOT/data: `n_docs` documents of random TRAIN_TEXT lines, windows of 32 tokens, 10% validation."""
     from slm.data.prepare import PrepareConfig, prepare
     from slm.data.sources import parse_source
 
@@ -32,7 +33,7 @@ def prepare_tiny_data(root: Path, tokenizer_dir: Path) -> Path:
     corpus.mkdir(parents=True)
     rng = random.Random(0)
     lines = TRAIN_TEXT.splitlines()
-    for i in range(20):
+    for i in range(n_docs):
         (corpus / f"doc{i:03d}.txt").write_text("\n".join(rng.choice(lines) for _ in range(40)))
     prepare(PrepareConfig(sources=[parse_source(f"text:{corpus}")], tokenizer=str(tokenizer_dir),
                           out=root / "data", seq_len=32, val_fraction=0.1))

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TRAIN_TEXT
+from _bad_input_common import prepare_tiny_data
 
 from slm.atomic import TMP_TAG
 
@@ -30,19 +29,7 @@ MAX_STEPS = 40
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, tokenizer_dir) -> Path:
-    from slm.data.prepare import PrepareConfig, prepare
-    from slm.data.sources import parse_source
-
-    root = tmp_path_factory.mktemp("train_data")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    rng = random.Random(0)
-    lines = TRAIN_TEXT.splitlines()
-    for i in range(60):
-        (corpus / f"doc{i:03d}.txt").write_text("\n".join(rng.choice(lines) for _ in range(40)))
-    prepare(PrepareConfig(sources=[parse_source(f"text:{corpus}")], tokenizer=str(tokenizer_dir),
-                          out=root / "data", seq_len=32, val_fraction=0.1))
-    return root / "data"
+    return prepare_tiny_data(tmp_path_factory.mktemp("train_data"), tokenizer_dir, n_docs=60)
 
 
 def train_args(data_dir: Path, out: Path, **over) -> list[str]:

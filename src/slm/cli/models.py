@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "dequantised to fp32, with llama.cpp's rotary permutation of the q/k weights undone.",
     )
     p.add_argument("gguf", metavar="FILE.gguf", help="the GGUF file")
-    p.add_argument("--out", required=True, metavar="DIR", help="model directory to write: new, empty or one slm wrote (replaced atomically)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="model directory to write: new, empty or one slm wrote (replaced atomically)")
     p.set_defaults(func=_import)
 
     p = sub.add_parser(

@@ -65,7 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "as a Hugging Face model directory with the run's tokenizer (loadable by slm and transformers).",
     )
     p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
-    p.add_argument("--out", required=True, metavar="MODEL_DIR", help="model directory to write: new, empty or one slm wrote (replaced atomically)")
+    p.add_argument("--out", required=True, metavar="MODEL_DIR",
+                   help="model directory to write: new, empty or one slm wrote (replaced atomically)")
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="tokenizer directory (default: the copy kept in the run directory)")
     p.set_defaults(func=_export)
