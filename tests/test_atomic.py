@@ -35,6 +35,13 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     assert f.read_text() == "old\n" and os.listdir(tmp_path) == ["a.json"]
 
 
+def test_next_write_sweeps_a_killed_writers_temp_file(tmp_path):
+    stale = tmp_path / f".results.json{TMP_TAG}{_dead_pid()}-0000"
+    stale.write_text("{half")
+    write_text(tmp_path / "results.json", "{}\n")
+    assert os.listdir(tmp_path) == ["results.json"]
+
+
 def test_sweep_removes_only_dead_writers_temp_names(tmp_path):
     dead = tmp_path / f".model{TMP_TAG}{_dead_pid()}-abcd"
     dead.mkdir()

@@ -46,10 +46,12 @@ def fsync_file(path: Path) -> None:
 def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO[Any]]:
     """Open a temporary file beside `path` for writing; on a clean exit it replaces `path`.
 
-    On an exception the temporary file is removed and `path` is left as it was."""
+    On an exception the temporary file is removed and `path` is left as it was; one a killed writer
+    left is removed by the next write into the same directory."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
+    sweep_stale(path.parent)  # what a killed writer left beside it
     tmp = tmp_name(path)
     f = open(tmp, mode, encoding=None if "b" in mode else encoding)  # noqa: SIM115 (closed below)
     try:
