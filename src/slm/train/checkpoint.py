@@ -6,9 +6,8 @@ A checkpoint is a directory `RUN_DIR/checkpoints/step_00001000/` holding
     optimizer.pt        AdamW state keyed by parameter name (our own file: torch.load(weights_only=True))
     rng.pt              python / numpy / torch / cuda RNG states, one entry per rank
     state.json          step, data-loader state, world size, global batch, resolved config, tokenizer hash
+    checksums.json      sha256 of the four files above, verified before a checkpoint is used
     COMPLETE            written last; a directory without it is never read
-
-    checksums.json      sha256 of every file above, verified before a checkpoint is used
 
 It is written into a temporary directory beside it (`slm.atomic.atomic_dir`), every file fsynced,
 the marker written, then the directory renamed into place (a rename within one filesystem is
