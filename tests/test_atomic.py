@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
+import time
 
 import pytest
 from _bad_input_common import snapshot, write_tiny_gguf
@@ -129,6 +129,34 @@ def test_killed_import_leaves_a_temp_dir_that_the_next_run_sweeps(tmp_path):
     assert leftovers and (leftovers[0] / "model.safetensors").is_file() and not out.exists()
     assert main(["import", str(gguf), "--out", str(out)]) == 0  # the next run sweeps it
     assert sorted(q.name for q in out.parent.iterdir()) == ["out"]
+
+
+def test_terminated_import_removes_its_temp_dir(tmp_path):
+    """SIGTERM (a plain `kill`) unwinds like Ctrl-C: the temporary directory goes at once."""
+    gguf = write_tiny_gguf(tmp_path / "m.gguf")
+    out = tmp_path / "models" / "out"
+    ready = tmp_path / "ready"
+    script = textwrap.dedent(f"""
+        import pathlib, time
+        import safetensors.torch, slm.weights
+        real = safetensors.torch.save_file
+        def save_and_wait(tensors, path, **kw):
+            real(tensors, path, **kw)
+            pathlib.Path({str(ready)!r}).touch()
+            time.sleep(60)
+        slm.weights.save_file = save_and_wait
+        from slm.cli import main
+        raise SystemExit(main(["import", {str(gguf)!r}, "--out", {str(out)!r}]))
+    """)
+    p = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not ready.exists() and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    assert [q for q in out.parent.iterdir() if TMP_TAG in q.name]  # mid-write
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=60) == 128 + signal.SIGTERM
+    assert p.stderr.read() == "slm: terminated\n"
+    assert list(out.parent.iterdir()) == []
 
 
 def test_tmp_names_are_recognisable_and_per_process(tmp_path):
