@@ -84,8 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     global _MAIN_PID
     _MAIN_PID = os.getpid()
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
+    # Not under torchrun: its agent stops a failed job's ranks with SIGTERM, and a rank blocked in a
+    # collective would only see the exception after the agent's grace period.
+    catch_term = threading.current_thread() is threading.main_thread() and "TORCHELASTIC_RUN_ID" not in os.environ
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if catch_term else None
     try:
         code = args.func(args)
     except SlmError as e:
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `slm generate ... | head`
         return 0
     finally:
-        if in_main_thread:
+        if catch_term:
             signal.signal(signal.SIGTERM, previous)
     return int(code or 0)
 
