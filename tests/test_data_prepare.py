@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from _data_common import expected_stream, make_docs, prepare_dir, read_stream, train_tiny_tokenizer, write_text_files
 
+from slm.atomic import TMP_TAG
 from slm.cli import main
 from slm.data import prepare as prepare_mod
 from slm.data import sources
@@ -96,7 +97,7 @@ def test_interrupted_prepare_leaves_nothing_that_looks_complete(corpus, tmp_path
     with pytest.raises(KeyboardInterrupt):
         prepare_dir(out, srcs, tok_dir, seq_len=SEQ, shard_tokens=200)
     monkeypatch.undo()
-    assert not (out / "manifest.json").exists() and not list(out.glob("*.tmp"))
+    assert not (out / "manifest.json").exists() and not list(out.glob(f"*{TMP_TAG}*"))
     assert list(out.glob("*.bin"))  # finished shards exist, but without a manifest nothing reads them
     for p in out.glob("*.bin"):
         read_header(p)  # each one whole
@@ -138,7 +139,7 @@ def test_shard_dtypes_and_header(tmp_path):
     tokens = np.array([0, 1, 70000, 2**32 - 1], dtype=np.uint32)
     w = ShardWriter(tmp_path / "s.bin", token_dtype(100_000))
     w.write(tokens)
-    assert (tmp_path / "s.bin.tmp").exists() and not (tmp_path / "s.bin").exists()
+    assert list(tmp_path.glob(f".s.bin{TMP_TAG}*")) and not (tmp_path / "s.bin").exists()
     w.close()
     assert read_header(tmp_path / "s.bin") == (np.dtype("<u4"), 4)
     assert open_shard(tmp_path / "s.bin").tolist() == tokens.tolist()

@@ -11,6 +11,7 @@ import pytest
 import zstandard
 from _data_common import expected_stream, make_docs, prepare_dir, read_stream, train_tiny_tokenizer, write_text_files
 
+from slm.atomic import TMP_TAG
 from slm.data import sources
 from slm.data.sources import parse_source, strip_gutenberg
 from slm.errors import SlmError
@@ -159,7 +160,7 @@ def bad_corpus(tmp_path, docs):
 def test_bad_input_is_skipped_counted_and_named(tmp_path, tok, tok_dir, capfd):
     docs = make_docs(43, seed=7)
     sp, txt = bad_corpus(tmp_path, docs)
-    m = prepare_dir(tmp_path / "out", [f"slimpajama:{sp}", f"text:{txt}"], tok_dir)
+    m = prepare_dir(tmp_path / "out", [f"slimpajama:{sp}", f"text:{txt}"], tok_dir, show_skipped=True)
     err = capfd.readouterr().err
     by_name = {s["name"]: s for s in m["sources"]}
     spj, text = by_name["slimpajama"], by_name["text"]
@@ -197,7 +198,7 @@ def test_strict_makes_the_first_bad_input_fatal(tmp_path, tok_dir, case):
     with pytest.raises(SlmError, match=rf"{case}.*\(--strict\)"):
         prepare_dir(tmp_path / "out", [f"slimpajama:{sp}", f"text:{txt}"], tok_dir, strict=True)
     assert not (tmp_path / "out" / "manifest.json").exists()
-    assert not list((tmp_path / "out").glob("*.tmp"))
+    assert not list((tmp_path / "out").glob(f"*{TMP_TAG}*"))
     prepare_dir(tmp_path / "out", [f"slimpajama:{sp}", f"text:{txt}"], tok_dir)  # lenient: finishes
 
 

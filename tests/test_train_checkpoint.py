@@ -9,8 +9,18 @@ import numpy as np
 import pytest
 import torch
 
+from slm.atomic import TMP_TAG
 from slm.errors import SlmError
 from slm.train import checkpoint as ckpt
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (what a killed writer leaves in its temp names)."""
+    import subprocess
+
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
 
 
 def _save(run, step, keep_last=3, model=None):
@@ -35,7 +45,7 @@ def test_incomplete_checkpoints_are_never_used(tmp_path):
     _save(tmp_path, 10)
     good = _save(tmp_path, 20)
     # a writer killed before the rename leaves a temp dir; one killed before the marker, a dir without it
-    shutil.copytree(good, tmp_path / "checkpoints" / ".tmp-step_00000030-123")
+    shutil.copytree(good, tmp_path / "checkpoints" / f".step_00000030{TMP_TAG}{_dead_pid()}-0000")
     half = shutil.copytree(good, tmp_path / "checkpoints" / "step_00000040")
     (half / ckpt.MARKER).unlink()
     assert ckpt.latest_checkpoint(tmp_path) == good
@@ -43,7 +53,7 @@ def test_incomplete_checkpoints_are_never_used(tmp_path):
     with pytest.raises(SlmError, match="incomplete"):
         ckpt.resolve_checkpoint(half)
     _save(tmp_path, 50)  # the next save sweeps the crashed writer's temp dir
-    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    assert not list((tmp_path / "checkpoints").glob(f"*{TMP_TAG}*"))
 
 
 def test_tied_tensors_are_stored_once_and_restored_as_one(tmp_path):

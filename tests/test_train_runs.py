@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -18,7 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TRAIN_TEXT
+from _bad_input_common import prepare_tiny_data
+
+from slm.atomic import TMP_TAG
 
 # One intra-op thread per process: the tiny model gains nothing from more, and on a shared
 # 2-core machine extra OpenMP threads only spin against other processes.
@@ -28,19 +29,7 @@ MAX_STEPS = 40
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, tokenizer_dir) -> Path:
-    from slm.data.prepare import PrepareConfig, prepare
-    from slm.data.sources import parse_source
-
-    root = tmp_path_factory.mktemp("train_data")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    rng = random.Random(0)
-    lines = TRAIN_TEXT.splitlines()
-    for i in range(60):
-        (corpus / f"doc{i:03d}.txt").write_text("\n".join(rng.choice(lines) for _ in range(40)))
-    prepare(PrepareConfig(sources=[parse_source(f"text:{corpus}")], tokenizer=str(tokenizer_dir),
-                          out=root / "data", seq_len=32, val_fraction=0.1))
-    return root / "data"
+    return prepare_tiny_data(tmp_path_factory.mktemp("train_data"), tokenizer_dir, n_docs=60)
 
 
 def train_args(data_dir: Path, out: Path, **over) -> list[str]:
@@ -145,13 +134,13 @@ def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(data_dir
     out = tmp_path / "run"
     p = slm_train(*train_args(data_dir, out), env={**ENV, CRASH_ENV: "20"}, check=False)
     assert p.returncode == 17
-    leftovers = list((out / "checkpoints").glob(".tmp-step_00000020-*"))
+    leftovers = list((out / "checkpoints").glob(f".step_00000020{TMP_TAG}*"))
     assert leftovers and (leftovers[0] / "model.safetensors").exists()  # died mid-write
     assert latest_checkpoint(out).name == "step_00000010"
 
     assert slm_in_process("train", *train_args(data_dir, out), "--resume") == 0
     assert_bit_identical(final_weights(out), final_weights(reference_run))
-    assert not list((out / "checkpoints").glob(".tmp-*"))
+    assert not list((out / "checkpoints").glob(f"*{TMP_TAG}*"))
 
 
 def test_resume_refuses_a_changed_config_and_a_fresh_run_refuses_a_used_dir(data_dir, reference_run, capsys):

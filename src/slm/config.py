@@ -4,6 +4,7 @@ to and from Hugging Face `LlamaConfig` fields (config.json)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,8 +35,12 @@ class ModelConfig:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
         for f in ("vocab_size", "n_layers", "n_heads", "n_kv_heads", "dim", "ffn_dim", "max_seq_len"):
             v = getattr(self, f)
-            if not isinstance(v, int) or v <= 0:
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise SlmError(f"model config {self.name!r}: {f} must be a positive integer, got {v!r}")
+        for f in ("rope_theta", "norm_eps"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise SlmError(f"model config {self.name!r}: {f} must be a finite number > 0, got {v!r}")
         if self.dim % self.n_heads:
             raise SlmError(f"model config {self.name!r}: dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -110,6 +115,12 @@ class ModelConfig:
         missing = [k for k in required if k not in hf]
         if missing:
             raise SlmError(f"{source}: missing field(s) {', '.join(missing)}")
+        for key in (*required, "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            if key in hf and not (key in ("num_key_value_heads", "head_dim") and hf[key] is None):
+                _positive_int(hf[key], key, source)
+        rope_parameters = hf.get("rope_parameters") or {}
+        if not isinstance(rope_parameters, dict):
+            raise SlmError(f"{source}: rope_parameters must be an object, got {rope_parameters!r}")
         n_heads = hf["num_attention_heads"]
         if hf.get("head_dim") not in (None, hf["hidden_size"] // n_heads):
             raise SlmError(f"{source}: head_dim {hf['head_dim']} != hidden_size / num_attention_heads is not supported")
@@ -118,7 +129,9 @@ class ModelConfig:
             eos = eos[0] if eos else None
         rope_theta = hf.get("rope_theta")
         if rope_theta is None:  # transformers >= 5 may nest it under rope_parameters
-            rope_theta = (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+            rope_theta = rope_parameters.get("rope_theta", 10000.0)
+        rope_theta = _positive_float(rope_theta, "rope_theta", source)
+        norm_eps = _positive_float(hf.get("rms_norm_eps", 1e-6), "rms_norm_eps", source)
         known = {
             "architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
             "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings", "rope_theta",
@@ -127,22 +140,37 @@ class ModelConfig:
             "rope_parameters",
         }
         extra = {k: v for k, v in hf.items() if k not in known and k in ("pad_token_id", "initializer_range")}
-        return cls(
-            name=hf.get("slm_config_name", "custom"),
-            vocab_size=hf["vocab_size"],
-            n_layers=hf["num_hidden_layers"],
-            n_heads=n_heads,
-            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-            dim=hf["hidden_size"],
-            ffn_dim=hf["intermediate_size"],
-            max_seq_len=hf.get("max_position_embeddings", 2048),
-            rope_theta=float(rope_theta),
-            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            bos_id=hf.get("bos_token_id"),
-            eos_id=eos,
-            extra_hf=extra,
-        )
+        try:
+            return cls(
+                name=hf.get("slm_config_name", "custom"),
+                vocab_size=hf["vocab_size"],
+                n_layers=hf["num_hidden_layers"],
+                n_heads=n_heads,
+                n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+                dim=hf["hidden_size"],
+                ffn_dim=hf["intermediate_size"],
+                max_seq_len=hf.get("max_position_embeddings", 2048),
+                rope_theta=rope_theta,
+                norm_eps=norm_eps,
+                tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                bos_id=hf.get("bos_token_id"),
+                eos_id=eos,
+                extra_hf=extra,
+            )
+        except SlmError as e:  # say which file (ModelConfig's own checks name only the config)
+            raise SlmError(f"{source}: {e}") from None
+
+
+def _positive_int(v, key: str, source: str) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise SlmError(f"{source}: {key} must be a positive integer, got {v!r}")
+    return v
+
+
+def _positive_float(v, key: str, source: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise SlmError(f"{source}: {key} must be a finite number > 0, got {v!r}")
+    return float(v)
 
 
 # --- the registry: exact names only ------------------------------------------------

@@ -98,6 +98,19 @@ class _Metadata:
         except (ValueError, IndexError, UnicodeDecodeError) as e:
             raise SlmError(f"{self.path}: cannot read metadata {key} ({e})") from None
 
+    def positive_int(self, key: str, default: int | None = None) -> int:
+        value = self.require(key) if default is None else self.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            raise SlmError(f"{self.path}: metadata {key} must be a positive integer, got {value!r}")
+        return int(value)
+
+    def positive_float(self, key: str, default: float) -> float:
+        value = self.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value) \
+                or value <= 0:
+            raise SlmError(f"{self.path}: metadata {key} must be a finite number > 0, got {value!r}")
+        return _f32(value)
+
     def require(self, key: str) -> Any:
         value = self.get(key)
         if value is None:
@@ -114,27 +127,31 @@ def config_from_metadata(meta: _Metadata, vocab_size: int, tied: bool) -> ModelC
         value = meta.get(key)
         if value not in (None, 0, "none"):
             raise SlmError(f"{meta.path}: {key}={value!r} is not supported")
-    n_heads = int(meta.require("llama.attention.head_count"))
-    dim = int(meta.require("llama.embedding_length"))
+    n_heads = meta.positive_int("llama.attention.head_count")
+    dim = meta.positive_int("llama.embedding_length")
     rope_dim = meta.get("llama.rope.dimension_count")
     if rope_dim is not None and int(rope_dim) != dim // n_heads:
         raise SlmError(f"{meta.path}: partial rotary embeddings (rope.dimension_count={rope_dim}) are not supported")
     pad = meta.get("tokenizer.ggml.padding_token_id")
-    return ModelConfig(
+    fields = dict(
         vocab_size=vocab_size,
-        n_layers=int(meta.require("llama.block_count")),
+        n_layers=meta.positive_int("llama.block_count"),
         n_heads=n_heads,
-        n_kv_heads=int(meta.get("llama.attention.head_count_kv", n_heads)),
+        n_kv_heads=meta.positive_int("llama.attention.head_count_kv", n_heads),
         dim=dim,
-        ffn_dim=int(meta.require("llama.feed_forward_length")),
-        max_seq_len=int(meta.get("llama.context_length", 2048)),
-        rope_theta=_f32(meta.get("llama.rope.freq_base", 10000.0)),
-        norm_eps=_f32(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        ffn_dim=meta.positive_int("llama.feed_forward_length"),
+        max_seq_len=meta.positive_int("llama.context_length", 2048),
+        rope_theta=meta.positive_float("llama.rope.freq_base", 10000.0),
+        norm_eps=meta.positive_float("llama.attention.layer_norm_rms_epsilon", 1e-5),
         tie_embeddings=tied,
         bos_id=meta.get("tokenizer.ggml.bos_token_id", 1),
         eos_id=meta.get("tokenizer.ggml.eos_token_id", 2),
         extra_hf={} if pad is None else {"pad_token_id": int(pad)},
     )
+    try:
+        return ModelConfig(**fields)
+    except SlmError as e:  # ModelConfig's own checks (e.g. heads not dividing the width): name the file
+        raise SlmError(f"{meta.path}: {e}") from None
 
 
 def _f32(x: float) -> float:
@@ -331,8 +348,9 @@ def _sentencepiece_bpe(meta: _Metadata, tokens: list[str], types: list[int]):
 
 def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, progress: bool | None = None) -> Path:
     """Convert a llama-architecture GGUF to a model directory (fp32 safetensors + tokenizer), atomically."""
-    from slm.weights import save_hf_dir
+    from slm.weights import check_out_dir, save_hf_dir
 
+    check_out_dir(out_dir)  # before the slow part
     if progress is None:
         progress = sys.stderr.isatty()
     config, hf, files = read_gguf(gguf_path, progress=progress)

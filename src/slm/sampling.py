@@ -15,6 +15,21 @@ import torch
 from slm.errors import SlmError
 
 
+# Below this, logits / temperature overflow float32 (inf - inf = NaN probabilities); 0 means greedy.
+MIN_TEMPERATURE = 1e-4
+# A smaller top-p rounds to 0 in float32, where the nucleus is computed.
+MIN_TOP_P = torch.finfo(torch.float32).tiny
+# torch.Generator.manual_seed takes a 64-bit seed.
+_SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def make_generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """A seeded torch.Generator; refuses a seed torch cannot take (instead of an overflow traceback)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not _SEED_RANGE[0] <= seed <= _SEED_RANGE[1]:
+        raise SlmError(f"seed must be an integer in [-2**63, 2**64 - 1], got {seed!r}")
+    return torch.Generator(device).manual_seed(seed)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.0  # 0: greedy
@@ -25,10 +40,15 @@ class SamplingParams:
         t = self.temperature
         if not isinstance(t, (int, float)) or math.isnan(t) or math.isinf(t) or t < 0:
             raise SlmError(f"temperature must be a finite number >= 0, got {t!r}")
+        if 0 < t < MIN_TEMPERATURE:
+            raise SlmError(f"temperature {t!r} is below {MIN_TEMPERATURE} (the logits would overflow); use 0 for greedy")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
             raise SlmError(f"top-k must be an integer >= 1, got {self.top_k!r}")
         if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
             raise SlmError(f"top-p must be in (0, 1], got {self.top_p!r}")
+        if self.top_p is not None and self.top_p < MIN_TOP_P:
+            raise SlmError(f"top-p {self.top_p!r} is below the smallest float32 ({MIN_TOP_P:.3g}); "
+                           "a top-p that small keeps only the most likely token (use temperature 0)")
 
     @property
     def greedy(self) -> bool:
@@ -50,6 +70,7 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
         sorted_probs = sorted_logits.softmax(-1)
         # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it already does.
         drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
+        drop_sorted[..., 0] = False  # the most likely token always stays (a tiny top_p rounds to 0 in fp32)
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits.softmax(-1)

@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+from slm.atomic import write_bytes, write_json, write_text
 from slm.errors import SlmError
 
 
@@ -239,15 +240,9 @@ def train_tokenizer(
     except RuntimeError as e:  # e.g. "Vocabulary size is too high" for a small corpus
         raise SlmError(f"tokenizer training failed: {str(e).strip().splitlines()[0]}") from None
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "tokenizer.model", model.getvalue())
+    write_bytes(out / "tokenizer.model", model.getvalue())
     write_hf_tokenizer_files(out / "tokenizer.model", out)
     return out
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def llama_bpe_tokenizer(
@@ -309,7 +304,7 @@ def write_hf_tokenizer_files(model_file: str | os.PathLike, out: str | os.PathLi
     )
     unk, bos, eos = sp.id_to_piece(sp.unk_id()), sp.id_to_piece(sp.bos_id()), sp.id_to_piece(sp.eos_id())
     out = Path(out)
-    _write_atomic(out / "tokenizer.json", tok.to_str(pretty=True).encode())
+    write_text(out / "tokenizer.json", tok.to_str(pretty=True))
     # Not "LlamaTokenizer": transformers 5 rebuilds that class's pre-tokenizer (Metaspace, which
     # adds no "▁" before a leading space) and so disagrees with SentencePiece on " x"; the
     # generic fast class runs tokenizer.json as written, id for id like tokenizer.model.
@@ -326,6 +321,6 @@ def write_hf_tokenizer_files(model_file: str | os.PathLike, out: str | os.PathLi
         "clean_up_tokenization_spaces": False,
         "model_max_length": 2048,
     }
-    _write_atomic(out / "tokenizer_config.json", (json.dumps(config, indent=2) + "\n").encode())
+    write_json(out / "tokenizer_config.json", config)
     special = {"bos_token": bos, "eos_token": eos, "unk_token": unk}
-    _write_atomic(out / "special_tokens_map.json", (json.dumps(special, indent=2) + "\n").encode())
+    write_json(out / "special_tokens_map.json", special)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,6 +18,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from slm.atomic import (
+    atomic_dir, check_replaceable_dir, remove_tmp, replace_file, tmp_name, write_json, write_text,
+)
 from slm.config import ModelConfig
 from slm.errors import SlmError
 from slm.model import Transformer
@@ -200,21 +202,23 @@ def load_model(path: str | os.PathLike, device="cpu", dtype: torch.dtype = torch
 # --- writing ---------------------------------------------------------------------------
 
 
-def _atomic_dir(out_dir: Path):
-    """A temp directory beside out_dir; `commit()` swaps it into place, so a crash never leaves a half-written model."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+# Everything a model directory slm writes may hold: a directory with anything else (notes, data, a
+# run directory) is never replaced by `save_hf_dir`.
+MODEL_FILES = frozenset({"config.json", "model.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES})
 
-    def commit():
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
-    return tmp, commit
+def is_model_dir(path: Path) -> bool:
+    """A model directory as slm writes one: config.json plus model files and tokenizer files, nothing else."""
+    names = {p.name for p in path.iterdir()}
+    shards = {n for n in names if n.startswith("model-") and n.endswith(".safetensors")}
+    return "config.json" in names and not (names - MODEL_FILES - shards) and not any(
+        (path / n).is_dir() for n in names
+    )
+
+
+def check_out_dir(out_dir: str | os.PathLike) -> Path:
+    """Fail early (before any slow work) when `out_dir` is not a directory a model may be written to."""
+    return check_replaceable_dir(out_dir, is_model_dir, "model directory")
 
 
 def save_hf_dir(
@@ -227,20 +231,18 @@ def save_hf_dir(
     """Write a model directory from Hugging Face-named tensors, atomically."""
     out_dir = Path(out_dir)
     check_hf_state_dict(hf_state, config, "model to save")
-    tmp, commit = _atomic_dir(out_dir)
-    try:
+    unknown = sorted(set(extra_files or ()) - MODEL_FILES)
+    if unknown:  # the directory must stay recognisable as a model directory (see is_model_dir)
+        raise ValueError(f"save_hf_dir: extra file(s) {unknown} are not model directory files")
+    with atomic_dir(out_dir, is_model_dir, "model directory") as tmp:
         # safetensors refuses shared or non-contiguous storage: give each tensor its own copy.
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in hf_state.items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config.to_hf(), indent=2) + "\n")
+        write_json(tmp / "config.json", config.to_hf())
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)
         for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        commit()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            write_text(tmp / name, text)
     return out_dir
 
 
@@ -257,6 +259,12 @@ def copy_tokenizer_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike)
     copied = []
     for name in TOKENIZER_FILES:
         if (src_dir / name).is_file():
-            shutil.copyfile(src_dir / name, dst_dir / name)
+            tmp = tmp_name(dst_dir / name)
+            try:
+                shutil.copyfile(src_dir / name, tmp)
+                replace_file(tmp, dst_dir / name)
+            except BaseException:
+                remove_tmp(tmp)
+                raise
             copied.append(name)
     return copied

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
+import threading
 
 from slm.errors import SlmError
 
@@ -61,9 +64,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(BaseException):
+    """SIGTERM as an exception, so that `finally` blocks (temporary files of slm.atomic) run."""
+
+
+_MAIN_PID = os.getpid()
+
+
+def _raise_terminated(signum, frame):
+    if os.getpid() != _MAIN_PID:  # a forked worker (data prepare's pool) inherited this: die as usual
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
+    # Not under torchrun: its agent stops a failed job's ranks with SIGTERM, and a rank blocked in a
+    # collective would only see the exception after the agent's grace period.
+    catch_term = threading.current_thread() is threading.main_thread() and "TORCHELASTIC_RUN_ID" not in os.environ
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if catch_term else None
     try:
         code = args.func(args)
     except SlmError as e:
@@ -72,8 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("slm: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("slm: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except BrokenPipeError:  # `slm generate ... | head`
         return 0
+    finally:
+        if catch_term:
+            signal.signal(signal.SIGTERM, previous)
     return int(code or 0)
 
 

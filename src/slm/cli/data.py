@@ -33,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="tokenize raw corpora and pack them into training windows",
         description="Tokenize documents (no BOS, EOS after each) in parallel, concatenate them per source and "
         "cut them into non-overlapping windows of seq-len + 1 tokens, written as shard files plus manifest.json. "
-        "Bad documents are skipped, counted and named (stderr and manifest); --strict makes the first fatal. "
+        "Bad documents and files (not UTF-8, empty, not a regular file, over --max-doc-bytes...) are skipped, "
+        "counted on stderr and named in manifest.json; --strict makes the first fatal. "
         "An interrupted run leaves no manifest.json; run the same command again to finish.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="source kinds (--source KIND:PATH[:WEIGHT], PATH a file or a folder):\n"
@@ -55,6 +56,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="fraction of documents held out for validation, chosen by a hash of the text (default 0.005)",
     )  # fmt: skip
     p.add_argument("--strict", action="store_true", help="stop at the first bad document or file")
+    p.add_argument(
+        "--show-skipped", action="store_true",
+        help="name each skipped document or file on stderr (default: one line per source, counts by reason; "
+        "every name is in manifest.json)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-doc-bytes", type=int, default=1 << 25, metavar="N",
+        help="skip a document (file, JSON line, parquet value) longer than N bytes (default 32 MiB)",
+    )  # fmt: skip
     p.add_argument("--keep-books", action="store_true", help="slimpajama: keep RedPajamaBook rows")
     p.add_argument("--code-ext", nargs="+", default=[".py"], metavar="EXT", help="code: file extensions (default .py)")
     p.add_argument("--text-ext", nargs="+", default=[".txt"], metavar="EXT", help="text: file extensions (default .txt)")
@@ -90,6 +100,8 @@ def _prepare(args: argparse.Namespace) -> int:
 
     if args.workers < 1:
         raise SlmError(f"--workers must be >= 1, got {args.workers}")
+    if args.max_doc_bytes < 1:
+        raise SlmError(f"--max-doc-bytes must be >= 1, got {args.max_doc_bytes}")
     cfg = PrepareConfig(
         sources=[parse_source(s) for s in args.source],
         tokenizer=args.tokenizer,
@@ -104,8 +116,10 @@ def _prepare(args: argparse.Namespace) -> int:
             code_ext=tuple(args.code_ext),
             text_ext=tuple(args.text_ext),
             exclude=tuple(args.exclude),
+            max_doc_bytes=args.max_doc_bytes,
         ),
         overwrite=args.overwrite,
+        show_skipped=args.show_skipped,
         progress=not args.json and sys.stderr.isatty(),
     )
     manifest = prepare(cfg)

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from slm.cli import add_threads_argument, apply_threads
@@ -49,16 +47,17 @@ def _eval(args: argparse.Namespace) -> int:
         raise SlmError("--tasks: give at least one task")
     if args.limit is not None and args.limit < 1:
         raise SlmError(f"--limit must be >= 1, got {args.limit}")
+    if args.json and (os.path.isdir(args.json) or args.json.endswith(os.sep)):  # before the (long) evaluation
+        raise SlmError(f"--json {args.json}: is a directory; give a file name, e.g. {Path(args.json) / 'results.json'}")
     apply_threads(args)
     progress = sys.stderr.isatty() and not args.quiet
     results = evaluate(args.model, tasks, data_dir=args.data_dir, limit=args.limit,
                        batch_size=args.batch_size, progress=progress)
     print(format_table(results))
     if args.json:
+        from slm.atomic import write_json
+
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"model": str(args.model), **results_json(results, samples=True)}, f, indent=1)
-        os.replace(tmp, out)
+        write_json(out, {"model": str(args.model), **results_json(results, samples=True)}, indent=1)
     return 0

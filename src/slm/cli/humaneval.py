@@ -143,13 +143,14 @@ def _print(summary: dict, as_json: bool) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from slm.eval.humaneval import confirm_code_execution
+    from slm.eval.humaneval import check_timeout, confirm_code_execution
     from slm.eval.humaneval_generate import GenerationSettings, run_humaneval
     from slm.sampling import SamplingParams
     from slm.speculative import parse_draft_tokens
 
     apply_threads(args)
     ks = _ks(args.k)
+    check_timeout(args.timeout)  # before generating, not after
     settings = GenerationSettings(
         samples_per_task=args.samples_per_task,
         max_new_tokens=args.max_new_tokens,
@@ -172,9 +173,10 @@ def _generate(args: argparse.Namespace) -> int:
 def _score(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from slm.eval.humaneval import confirm_code_execution, read_problems, read_samples, score
+    from slm.eval.humaneval import check_timeout, confirm_code_execution, read_problems, read_samples, score
 
     ks = _ks(args.k)
+    check_timeout(args.timeout)
     problems = read_problems(args.problems)
     samples = read_samples(args.samples, problems)
     confirm_code_execution(args.allow_code_execution, "slm humaneval score")

@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "dequantised to fp32, with llama.cpp's rotary permutation of the q/k weights undone.",
     )
     p.add_argument("gguf", metavar="FILE.gguf", help="the GGUF file")
-    p.add_argument("--out", required=True, metavar="DIR", help="model directory to write (replaced atomically)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="model directory to write: new, empty or one slm wrote (replaced atomically)")
     p.set_defaults(func=_import)
 
     p = sub.add_parser(
@@ -75,16 +76,15 @@ class _TextStream:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import torch
-
     apply_threads(args)
 
     from slm.generate import generate
-    from slm.sampling import SamplingParams
+    from slm.sampling import SamplingParams, make_generator
     from slm.tokenizer import Tokenizer
     from slm.weights import load_model, resolve_model_dir
 
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    generator = make_generator(args.seed)
     model_dir = resolve_model_dir(args.model)
     model = load_model(model_dir)
     tokenizer = Tokenizer.load(model_dir)
@@ -95,7 +95,6 @@ def _generate(args: argparse.Namespace) -> int:
         prompt_text = apply_chat_template(model_dir, [{"role": "user", "content": args.prompt}])
     prompt = tokenizer.encode(prompt_text)
     stop_ids = [i for i in {model.config.eos_id, tokenizer.eos_id} if i is not None]
-    generator = torch.Generator().manual_seed(args.seed)
     stream = _TextStream(tokenizer) if (sys.stdout.isatty() and not args.json) else None
 
     if args.draft is not None:

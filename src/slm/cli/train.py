@@ -53,7 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             metavar = {int: "N", float: "X"}.get(typ, "NAME" if f.name in ("model", "device") else "DIR")
             p.add_argument(flag, dest=f.name, type=typ, default=None, help=help_text, metavar=metavar)
     p.add_argument("--resume", action="store_true",
-                   help="continue OUT from its newest complete checkpoint (starts fresh if it has none)")
+                   help="continue OUT from its newest complete checkpoint that matches its checksums (starts fresh "
+                   "if it has none); refused if OUT/train_config.json was edited in a field that changes the run")
     p.add_argument("--json", action="store_true", help="no progress bar; print a JSON summary at the end")
     p.set_defaults(func=_train)
 
@@ -64,7 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "as a Hugging Face model directory with the run's tokenizer (loadable by slm and transformers).",
     )
     p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
-    p.add_argument("--out", required=True, metavar="MODEL_DIR", help="model directory to write (replaced atomically)")
+    p.add_argument("--out", required=True, metavar="MODEL_DIR",
+                   help="model directory to write: new, empty or one slm wrote (replaced atomically)")
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="tokenizer directory (default: the copy kept in the run directory)")
     p.set_defaults(func=_export)

@@ -37,15 +37,17 @@ from pathlib import Path
 
 import numpy as np
 
+from slm.atomic import sweep_stale, write_json
+from slm.data import skips
 from slm.data.loader import MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION
 from slm.data.shards import ShardWriter, token_dtype
 from slm.data.sources import Doc, ReadOptions, Skip, SourceSpec, WorkUnit, name_sources, plan_units, read_unit
 from slm.errors import SlmError
+from slm.paths import file_sha256
 
 SPLITS = ("train", "val")
-_SHARD_NAME = re.compile(r"^[A-Za-z0-9_]+\.(train|val)\.\d{5}\.bin(\.tmp)?$")
+_SHARD_NAME = re.compile(r"^[A-Za-z0-9_]+\.(train|val)\.\d{5}\.bin$")
 _MAX_NAMED_SKIPS = 1000  # per source in the manifest; the counts by reason are always complete
-_MAX_PRINTED_SKIPS = 100  # per source on stderr
 _BATCH_CHARS = 1 << 20  # characters per tokenizer call inside a worker
 
 
@@ -62,6 +64,7 @@ class PrepareConfig:
     read: ReadOptions = field(default_factory=ReadOptions)
     overwrite: bool = False
     progress: bool = False
+    show_skipped: bool = False  # name each skipped document on stderr (else one summary line per source)
 
 
 @dataclass
@@ -204,14 +207,6 @@ class _Packer:
             self.writer.abort()
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _settings(cfg: PrepareConfig, tok_sha: str) -> dict:
     """Everything that determines the output: a finished directory with equal settings is reused."""
     return {
@@ -277,9 +272,6 @@ class _SourceStats:
     skips: list[Skip] = field(default_factory=list)
 
     def entry(self, spec: SourceSpec, splits: dict[str, dict]) -> dict:
-        bad = sum(sk.bad for sk in self.skips)
-        if bad > _MAX_PRINTED_SKIPS:
-            print(f"slm: {spec.name}: {bad} bad documents skipped in all (see manifest.json)", file=sys.stderr)
         return {
             "name": spec.name,
             "kind": spec.kind,
@@ -291,7 +283,7 @@ class _SourceStats:
             "splits": {s: {"documents": self.docs[s], **splits[s]} for s in SPLITS},
             "skipped": {
                 "count": len(self.skips),
-                "by_reason": dict(sorted(Counter(_reason_kind(sk.reason) for sk in self.skips).items())),
+                "by_reason": skips.counts_by_reason(self.skips),
                 "documents": [{"where": sk.where, "reason": sk.reason} for sk in self.skips[:_MAX_NAMED_SKIPS]],
             },
         }
@@ -314,6 +306,8 @@ def prepare(cfg: PrepareConfig) -> dict:
     tok_sha = file_sha256(tok.path)
     settings = _settings(cfg, tok_sha)
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise SlmError(f"--out {out}: exists and is not a directory")
     manifest_path = out / MANIFEST
     if manifest_path.is_file():
         try:
@@ -325,13 +319,16 @@ def prepare(cfg: PrepareConfig) -> dict:
             return old
         if not cfg.overwrite:
             raise SlmError(f"{out}: holds data prepared with other settings; use --overwrite or another --out")
+    t0 = time.perf_counter()
+    units, plan_skips = _units(cfg)  # before --out is touched: a missing source creates nothing
+    if manifest_path.is_file():
         manifest_path.unlink()  # first, so the directory never looks finished while shards change
     out.mkdir(parents=True, exist_ok=True)
+    sweep_stale(out)  # shards a killed run left half-written
     _clean_leftovers(out)
 
-    t0 = time.perf_counter()
     dtype = token_dtype(tok.vocab_size)
-    stats, splits = _pack(cfg, out, str(tok.path), dtype)
+    stats, splits = _pack(cfg, out, str(tok.path), dtype, units, plan_skips)
     sources = [st.entry(spec, splits[i]) for i, (spec, st) in enumerate(zip(cfg.sources, stats))]
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -362,22 +359,22 @@ def prepare(cfg: PrepareConfig) -> dict:
         },
         "settings": settings,
     }
-    tmp = manifest_path.with_name(MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, manifest_path)  # last: its presence means every shard is complete
+    write_json(manifest_path, manifest)  # last: its presence means every shard is complete
+    for spec, st in zip(cfg.sources, stats):
+        skips.summarise(spec.name, st.skips, cfg.show_skipped)
     return manifest
 
 
-def _pack(cfg: PrepareConfig, out: Path, tokenizer_path: str, dtype: np.dtype):
+def _pack(cfg: PrepareConfig, out: Path, tokenizer_path: str, dtype: np.dtype, units: list[WorkUnit],
+          plan_skips: list[list[Skip]]):
     """Tokenize every unit (in workers) and pack the results in unit order.
 
     Returns per-source stats and per-source {split: packer summary}.
     """
-    units, plan_skips = _units(cfg)
     stats = [_SourceStats(skips=list(sk)) for sk in plan_skips]
     for st in stats:
-        _check_skips(cfg, st.skips)
-        _report_skips(st.skips, [], None)
+        skips.check_strict(cfg.strict, st.skips)
+        skips.report(st.skips, [], cfg.show_skipped)
     packers = [
         {s: _Packer(out, f"{spec.name}.{s}", dtype, cfg.seq_len + 1, cfg.shard_tokens) for s in SPLITS}
         for spec in cfg.sources
@@ -388,8 +385,8 @@ def _pack(cfg: PrepareConfig, out: Path, tokenizer_path: str, dtype: np.dtype):
         init_args = (tokenizer_path, cfg.read, cfg.val_fraction)
         for unit, res in zip(units, _results(cfg, units, init_args)):
             st = stats[res.source]
-            _check_skips(cfg, res.skips)
-            _report_skips(res.skips, st.skips, bar)
+            skips.check_strict(cfg.strict, res.skips)
+            skips.report(res.skips, st.skips, cfg.show_skipped, bar)
             st.skips.extend(res.skips)
             st.text_chars += res.text_chars
             for s in SPLITS:
@@ -410,31 +407,6 @@ def _pack(cfg: PrepareConfig, out: Path, tokenizer_path: str, dtype: np.dtype):
         if bar is not None:
             bar.close()
     return stats, splits
-
-
-def _report_skips(new: list[Skip], earlier: list[Skip], bar) -> None:
-    """Name bad documents on stderr as they come, the first _MAX_PRINTED_SKIPS per source."""
-    printed = sum(sk.bad for sk in earlier)
-    for sk in new:
-        if sk.bad and printed < _MAX_PRINTED_SKIPS:
-            printed += 1
-            msg = f"slm: skipped {sk.where}: {sk.reason}"
-            if bar is not None:
-                bar.write(msg, file=sys.stderr)
-            else:
-                print(msg, file=sys.stderr)
-
-
-def _reason_kind(reason: str) -> str:
-    """The reason without its details ('not UTF-8 (byte 3)' -> 'not UTF-8'), for counting."""
-    return reason.split(" (", 1)[0]
-
-
-def _check_skips(cfg: PrepareConfig, skips: list[Skip]) -> None:
-    if cfg.strict:
-        for sk in skips:
-            if sk.bad:
-                raise SlmError(f"{sk.where}: {sk.reason} (--strict)")
 
 
 def _log(cfg: PrepareConfig, msg: str) -> None:

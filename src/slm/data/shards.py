@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from slm.atomic import replace_file, tmp_name
 from slm.errors import SlmError
 
 MAGIC = b"SLMTOKS\0"
@@ -39,13 +40,13 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 class ShardWriter:
-    """Appends token arrays to `<path>.tmp`; `close()` fills in the header and renames to `path`."""
+    """Appends token arrays to a temporary file beside `path`; `close()` fills in the header and renames it."""
 
     def __init__(self, path: str | os.PathLike, dtype: np.dtype):
         self.path = Path(path)
         self.dtype = np.dtype(dtype).newbyteorder("<")
         self.count = 0
-        self._tmp = self.path.with_name(self.path.name + ".tmp")
+        self._tmp = tmp_name(self.path)
         self._f = open(self._tmp, "wb")
         self._f.write(b"\0" * HEADER_SIZE)  # real header written on close, once the count is known
 
@@ -56,10 +57,8 @@ class ShardWriter:
     def close(self) -> None:
         self._f.seek(0)
         self._f.write(_HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, self.count))
-        self._f.flush()
-        os.fsync(self._f.fileno())
         self._f.close()
-        os.replace(self._tmp, self.path)
+        replace_file(self._tmp, self.path)
 
     def abort(self) -> None:
         self._f.close()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ class ReadOptions:
     code_ext: tuple[str, ...] = (".py",)
     text_ext: tuple[str, ...] = (".txt",)
     exclude: tuple[str, ...] = ()  # directory names not descended into (e.g. site-packages)
+    max_doc_bytes: int = 1 << 25  # a longer document (file, JSON line, row) is skipped: memory stays bounded
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,8 @@ def list_files(spec: SourceSpec, opts: ReadOptions) -> _Files:
     path = spec.path
     if path.is_file():
         return _Files([path])
+    if path.exists() and not path.is_dir():
+        raise SlmError(f"{spec.kind} source {path}: {_not_regular(path.stat().st_mode)}")
     if not path.is_dir():
         raise SlmError(f"{spec.kind} source {path}: no such file or directory")
     suffixes = _suffixes(spec.kind, opts)
@@ -151,9 +155,16 @@ def plan_units(index: int, spec: SourceSpec, opts: ReadOptions) -> Iterator[Work
     group_bytes = 0
     for path in files.paths:
         try:
-            size = path.stat().st_size
+            st = path.stat()  # follows a symlink: its target must be a regular file too
         except OSError as e:
             yield Skip(str(path), f"unreadable file ({e.strerror})")
+            continue
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block forever, /dev/zero never end
+            yield Skip(str(path), _not_regular(st.st_mode))
+            continue
+        size = st.st_size
+        if size > opts.max_doc_bytes and spec.kind not in ("slimpajama", "parquet"):
+            yield Skip(str(path), _too_large(size, opts))
             continue
         if spec.kind == "parquet":
             yield from _parquet_units(index, path, size)
@@ -171,6 +182,16 @@ def plan_units(index: int, spec: SourceSpec, opts: ReadOptions) -> Iterator[Work
                 group, group_bytes = [], 0
     if group:
         yield WorkUnit(index, spec.kind, tuple(group), size=group_bytes)
+
+
+def _not_regular(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+             (stat.S_ISSOCK, "socket"), (stat.S_ISDIR, "directory"))
+    return f"not a regular file ({next((name for test, name in kinds if test(mode)), 'special file')})"
+
+
+def _too_large(size: int, opts: ReadOptions) -> str:
+    return f"document too large ({size:,} bytes > --max-doc-bytes {opts.max_doc_bytes:,})"
 
 
 def _parquet_units(index: int, path: Path, size: int) -> Iterator[WorkUnit | Skip]:
@@ -194,17 +215,25 @@ def read_unit(unit: WorkUnit, opts: ReadOptions) -> Iterator[Doc | Skip]:
     if unit.kind == "slimpajama":
         yield from _read_jsonl(unit, opts)
     elif unit.kind == "parquet":
-        yield from _read_parquet(unit)
+        yield from _read_parquet(unit, opts)
     else:
         for path in unit.paths:
-            yield _read_file_doc(path, unit.kind)
+            yield _read_file_doc(path, unit.kind, opts)
 
 
-def _read_file_doc(path: str, kind: str) -> Doc | Skip:
+def _read_file_doc(path: str, kind: str, opts: ReadOptions) -> Doc | Skip:
     try:
-        raw = Path(path).read_bytes()
+        # O_NONBLOCK: a file swapped for a FIFO since planning must not block the open.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with open(fd, "rb") as f:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                return Skip(path, _not_regular(mode))
+            raw = f.read(opts.max_doc_bytes + 1)  # bounded even if the file grew since planning
     except OSError as e:
         return Skip(path, f"unreadable file ({e.strerror})")
+    if len(raw) > opts.max_doc_bytes:
+        return Skip(path, _too_large(len(raw), opts))
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -263,8 +292,12 @@ def _read_jsonl(unit: WorkUnit, opts: ReadOptions) -> Iterator[Doc | Skip]:
         if path.endswith(".zst"):
             lineno = 0
             try:
-                for line in _zstd_lines(f):
+                for line in _zstd_lines(f, opts.max_doc_bytes):
                     lineno += 1
+                    if line is None:
+                        yield Skip(f"{path}:{lineno}",
+                                   f"document too large (line over --max-doc-bytes {opts.max_doc_bytes:,})")
+                        continue
                     item = _jsonl_doc(line, f"{path}:{lineno}", opts)
                     if item is not None:
                         yield item
@@ -277,9 +310,14 @@ def _read_jsonl(unit: WorkUnit, opts: ReadOptions) -> Iterator[Doc | Skip]:
             f.readline()  # finish the line that straddles `start` (owned by the previous unit)
         stop = unit.stop if unit.stop >= 0 else float("inf")
         while (pos := f.tell()) < stop:
-            line = f.readline()
+            line = f.readline(opts.max_doc_bytes + 1)
             if not line:
                 break
+            if len(line) > opts.max_doc_bytes and not line.endswith(b"\n"):
+                while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                    pass  # skip the rest of the over-long line without holding it
+                yield Skip(f"{path}@{pos}", f"document too large (line over --max-doc-bytes {opts.max_doc_bytes:,})")
+                continue
             item = _jsonl_doc(line, f"{path}@{pos}", opts)
             if item is not None:
                 yield item
@@ -289,8 +327,9 @@ class _ZstdBroken(Exception):
     pass
 
 
-def _zstd_lines(f) -> Iterator[bytes]:
+def _zstd_lines(f, max_bytes: int) -> Iterator[bytes | None]:
     """Lines of a (multi-frame) zstd file; raises _ZstdBroken if it is truncated or corrupt.
+    A line longer than `max_bytes` comes out as None (and is never held whole).
 
     `zstandard`'s stream_reader returns truncated input silently, so frames are
     decoded with decompressobj, which tells whether a frame really ended.
@@ -301,6 +340,7 @@ def _zstd_lines(f) -> Iterator[bytes]:
     obj = dctx.decompressobj()
     in_frame = False
     pending = b""
+    too_long = False  # inside a line already reported as too long
     while chunk := f.read(1 << 20):
         while chunk:
             try:
@@ -316,14 +356,22 @@ def _zstd_lines(f) -> Iterator[bytes]:
             if out:
                 lines = (pending + out).split(b"\n")
                 pending = lines.pop()
-                yield from lines
+                for line in lines:
+                    if too_long:
+                        too_long = False  # the end of the long line: drop it
+                    else:
+                        yield None if len(line) > max_bytes else line
+                if len(pending) > max_bytes:
+                    if not too_long:
+                        yield None
+                    too_long, pending = True, b""
     if in_frame:
         raise _ZstdBroken("truncated zstd stream")
-    if pending:
-        yield pending
+    if pending and not too_long:
+        yield None if len(pending) > max_bytes else pending
 
 
-def _read_parquet(unit: WorkUnit) -> Iterator[Doc | Skip]:
+def _read_parquet(unit: WorkUnit, opts: ReadOptions) -> Iterator[Doc | Skip]:
     import pyarrow.parquet as pq
 
     path, group = unit.paths[0], unit.start
@@ -349,6 +397,9 @@ def _read_parquet(unit: WorkUnit) -> Iterator[Doc | Skip]:
                 continue
         if not text or not text.strip():
             yield Skip(where, "empty document")
+            continue
+        if len(text) > opts.max_doc_bytes:  # characters: at least as many bytes
+            yield Skip(where, f"document too large ({len(text):,} characters > --max-doc-bytes {opts.max_doc_bytes:,})")
             continue
         yield Doc(text, where)
 

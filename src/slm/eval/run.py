@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from slm.errors import SlmError
 from slm.eval.data import load_documents
 from slm.eval.metrics import aggregate
-from slm.eval.tasks import Item, get_task, score_item
+from slm.eval.tasks import FieldError, Item, get_task, score_item
 
 
 @dataclass
@@ -31,6 +31,8 @@ def build_items(task_name: str, data_dir, limit: int | None) -> tuple[list[Item]
     for i, doc in enumerate(docs):
         try:
             items.append(task.to_item(doc))
+        except FieldError as e:  # line = record number (JSON Lines without blank lines; a parquet row)
+            raise SlmError(f"{source}:{i + 1}: {task.name}: {e}") from None
         except (KeyError, TypeError, AttributeError, ValueError) as e:  # a row not in the official format
             raise SlmError(
                 f"{task.name}: document {i + 1} of {source} is not in the {task.dataset.hf_path} format "

@@ -45,7 +45,29 @@ class Task:
     to_item: Callable[[dict], Item]
 
 
+class FieldError(SlmError):
+    """A dataset row whose field is not what the task needs; `build_items` adds the file and line."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"field {field!r}: {message}")
+        self.field = field
+
+
+def gold_index(value, n_choices: int, field: str) -> int:
+    """A gold label as an index into the choices: an integer (or a string of digits, as HellaSwag
+    stores it) in [0, n_choices). A float (1.7) or an out-of-range label would score the item wrong."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FieldError(field, f"label {value!r} is not an integer")
+    if not 0 <= value < n_choices:
+        raise FieldError(field, f"label {value} is out of range for {n_choices} choices (0..{n_choices - 1})")
+    return value
+
+
 def _multiple_choice(context: str, choices: list[str], gold: int) -> Item:
+    if not choices:
+        raise FieldError("choices", "no answer choices")
     requests = tuple(Request(context, TARGET_DELIMITER + c) for c in choices)
     return Item(requests, gold, tuple(choices))
 
@@ -62,7 +84,7 @@ def sciq_item(doc: dict) -> Item:
 
 def piqa_item(doc: dict) -> Item:
     context = f"Question: {doc['goal']}\nAnswer:"
-    return _multiple_choice(context, [doc["sol1"], doc["sol2"]], int(doc["label"]))
+    return _multiple_choice(context, [doc["sol1"], doc["sol2"]], gold_index(doc["label"], 2, "label"))
 
 
 def arc_item(doc: dict) -> Item:
@@ -85,11 +107,12 @@ def hellaswag_preprocess(text: str) -> str:
 def hellaswag_item(doc: dict) -> Item:
     ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
     context = hellaswag_preprocess(doc["activity_label"] + ": " + ctx)
+    if not isinstance(doc["endings"], list) or not doc["endings"]:
+        raise FieldError("endings", f"expected a non-empty list of endings, got {doc['endings']!r}")
     choices = [hellaswag_preprocess(e) for e in doc["endings"]]
-    label = str(doc["label"])
-    if not label.isdigit():  # the test split has no labels
-        raise SlmError(f"hellaswag: label {label!r} is not a number (use the validation split)")
-    return _multiple_choice(context, choices, int(label))
+    if doc["label"] in ("", None):  # the test split has no labels
+        raise FieldError("label", "no label (the test split has none; use the validation split)")
+    return _multiple_choice(context, choices, gold_index(doc["label"], len(choices), "label"))
 
 
 def winogrande_item(doc: dict) -> Item:

@@ -16,9 +16,10 @@ def export(path: str | os.PathLike, out_dir: str | os.PathLike, tokenizer_dir: s
     The tokenizer comes from `tokenizer_dir`, else the copy the run keeps in RUN_DIR/tokenizer,
     and must be the one the checkpoint was trained with (sha256 of its tokenizer file).
     """
-    from slm.data.prepare import file_sha256
-    from slm.weights import build_model, save_model
+    from slm.paths import file_sha256
+    from slm.weights import build_model, check_out_dir, save_model
 
+    check_out_dir(out_dir)
     c = ckpt.resolve_checkpoint(path)
     state = ckpt.read_state(c)
     config = ModelConfig.from_hf(state["model_config"], source=f"{c}/state.json")

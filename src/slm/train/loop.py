@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from slm.atomic import write_text
 from slm.config import ModelConfig, get_config
 from slm.errors import SlmError
 from slm.train import checkpoint as ckpt
@@ -35,7 +36,7 @@ from slm.train.parallel import (
     DistInfo, all_gather_objects, all_reduce_max, all_reduce_sum, barrier, init_distributed, no_grad_sync,
     parallelize, shutdown_distributed,
 )
-from slm.train.recipes import TrainConfig, grad_accum_steps, lr_at, save_config
+from slm.train.recipes import RESUMABLE_CHANGES, TrainConfig, grad_accum_steps, lr_at, save_config
 
 CONFIG_FILE = "train_config.json"
 TOKENIZER_DIR = "tokenizer"
@@ -114,7 +115,7 @@ def data_checks(cfg: TrainConfig, mc: ModelConfig) -> dict:
         raise SlmError(f"{cfg.data}: seq_len {manifest['seq_len']} exceeds model max_seq_len {mc.max_seq_len}")
     tok = manifest.get("tokenizer", {})
     if cfg.init_from and tok.get("path"):  # continuing a model on data it cannot read would be silent garbage
-        from slm.data.prepare import file_sha256
+        from slm.paths import file_sha256
 
         mine = Path(cfg.init_from) / Path(tok["path"]).name
         if mine.is_file() and file_sha256(mine) != tok.get("sha256"):
@@ -143,7 +144,7 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig, manifest: dict, resumed_at:
     copy_run_tokenizer(manifest, run_dir)
     if resumed_at is not None:  # drop metrics lines past the checkpoint: they are about to be recomputed
         kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= resumed_at]
-        ckpt.write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+        write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def seed_everything(seed: int) -> None:
@@ -177,18 +178,53 @@ def save_training_checkpoint(run_dir, model, optimizer, loader, step, info: Dist
     return path
 
 
+def check_model_state(c: ckpt.Checkpoint, model: torch.nn.Module) -> None:
+    """Every tensor the model has, with its shape, and nothing else: name the first that differs."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for name, shape in want.items():
+        if name not in c.model:
+            raise SlmError(f"{c.path}/model.safetensors: tensor {name} is missing")
+        if tuple(c.model[name].shape) != shape:
+            raise SlmError(f"{c.path}/model.safetensors: tensor {name} has shape {list(c.model[name].shape)}, "
+                           f"the model needs {list(shape)}")
+    extra = sorted(set(c.model) - set(want))
+    if extra:
+        raise SlmError(f"{c.path}/model.safetensors: unexpected tensor(s) {', '.join(extra[:5])}")
+
+
+def check_config_unchanged(c: ckpt.Checkpoint, cfg: TrainConfig, config_file: Path) -> None:
+    """The run's train_config.json must still say what the checkpoint was trained with (fields that
+    change the computation): an edited `lr` would otherwise silently change a resumed run."""
+    saved = c.state.get("config")
+    if not isinstance(saved, dict):
+        raise SlmError(f"{c.path}/state.json: field 'config' is missing")
+    now = cfg.to_dict()
+    for key in sorted(now):
+        if key not in RESUMABLE_CHANGES and key in saved and saved[key] != now[key]:
+            raise SlmError(
+                f"{config_file}: {key} is {now[key]!r} but {c.path.name} was trained with {saved[key]!r} "
+                f"(edited after the run started?); restore it, or start a new run with --init-from"
+            )
+
+
 def load_training_checkpoint(c: ckpt.Checkpoint, model, optimizer, loader, info: DistInfo, global_batch: int) -> None:
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
+    ckpt.check_resume_state(c)
     if c.state["global_batch"] != global_batch:
         raise SlmError(
             f"{c.path}: checkpoint was trained with a global batch of {c.state['global_batch']} sequences, "
             f"this run has {global_batch}; resume with the same global batch"
         )
+    check_model_state(c, model)
     opts = _state_dict_options(cpu_offload=False)
-    set_model_state_dict(model, c.model, options=opts)
-    set_optimizer_state_dict(model, optimizer, c.optimizer, options=opts)
-    loader.load_state_dict(c.state["loader"])
+    try:
+        set_model_state_dict(model, c.model, options=opts)
+        set_optimizer_state_dict(model, optimizer, c.optimizer, options=opts)
+        loader.load_state_dict(c.state["loader"])
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:  # a hand-edited optimizer/loader state
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SlmError(f"{c.path}: checkpoint state does not fit this run ({type(e).__name__}: {first[:200]})") from None
     # Same world size: every rank gets its own RNG state back. Another world size: the model and
     # optimizer are full tensors and the loader position is global, so the run continues correctly;
     # the per-rank RNG streams (unused by this loop's math) are seeded afresh.
@@ -276,9 +312,13 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, show_progress: bool, 
     accum = grad_accum_steps(cfg, info.world_size)
     global_batch = cfg.batch_size * accum * info.world_size
     seq_len = manifest["seq_len"]
-    latest = ckpt.latest_checkpoint(run_dir) if resume else None
     if not resume and ckpt.latest_checkpoint(run_dir) is not None:
         raise SlmError(f"{run_dir}: already holds checkpoints; pass --resume to continue it, or use a new --out")
+    latest = None
+    if resume and ckpt.latest_checkpoint(run_dir) is not None:
+        latest = ckpt.verified_checkpoint(run_dir)  # newest that matches its checksums; skipped ones named
+        if latest is None:
+            raise SlmError(f"{run_dir}: no checkpoint matches its checksums (all corrupted); cannot resume")
 
     seed_everything(cfg.seed + info.rank)
     model = build_training_model(mc, cfg)
@@ -299,6 +339,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, show_progress: bool, 
     start_step = 0
     if latest is not None:
         c = ckpt.load_checkpoint(latest)
+        check_config_unchanged(c, cfg, run_dir / CONFIG_FILE)
         if c.state.get("tokenizer_sha256") != manifest.get("tokenizer", {}).get("sha256"):
             raise SlmError(f"{latest}: trained with another tokenizer than the one of {cfg.data}")
         load_training_checkpoint(c, model, optimizer, loader, info, global_batch)

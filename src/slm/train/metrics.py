@@ -25,7 +25,9 @@ from pathlib import Path
 
 import torch
 
+from slm.atomic import remove_tmp, replace_file, tmp_name
 from slm.config import ModelConfig
+from slm.errors import SlmError
 
 # Dense (no sparsity) bf16 peak FLOP/s per device.
 GPU_PEAK_BF16 = {
@@ -83,7 +85,10 @@ def peak_flops(device: torch.device, peak_tflops: float | None = None) -> tuple[
 
 
 class MetricsLog:
-    """Appends one JSON object per line to RUN_DIR/metrics.jsonl; mirrors scalars to TensorBoard if installed."""
+    """Appends one JSON object per line to RUN_DIR/metrics.jsonl; mirrors scalars to TensorBoard if installed.
+
+    The one file slm appends to rather than replaces (slm.atomic): a log grows line by line, and a
+    kill can cost only the last, partial line, which `read_metrics` drops."""
 
     def __init__(self, run_dir: str | Path, enabled: bool = True):
         self.enabled = enabled
@@ -121,7 +126,16 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # cut short by a kill mid-write
+                break
+            raise SlmError(f"{path}:{i + 1}: not a JSON line") from None
+    return records
 
 
 def plot_losses(run_dir: str | Path, png: str | Path, title: str | None = None, baseline: float | None = None) -> Path:
@@ -132,8 +146,6 @@ def plot_losses(run_dir: str | Path, png: str | Path, title: str | None = None, 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        from slm.errors import SlmError
-
         raise SlmError("plotting needs matplotlib (pip install 'slm[plot]')") from None
     records = read_metrics(run_dir)
     starts = [r for r in records if r["kind"] == "start"]
@@ -152,6 +164,11 @@ def plot_losses(run_dir: str | Path, png: str | Path, title: str | None = None, 
     ax.legend()
     fig.tight_layout()
     png = Path(png)
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    tmp = tmp_name(png)
+    try:
+        fig.savefig(tmp, dpi=120, format="png")
+        replace_file(tmp, png)
+    finally:
+        plt.close(fig)
+        remove_tmp(tmp)  # only still there if saving failed
     return png

@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from slm.atomic import write_text
 from slm.errors import SlmError
 
 
@@ -136,6 +137,8 @@ def check(cfg: TrainConfig) -> None:
         raise SlmError(f"--parallel must be ddp or fsdp, got {cfg.parallel!r}")
     if cfg.dtype not in ("auto", "fp32", "bf16"):
         raise SlmError(f"--dtype must be auto, fp32 or bf16, got {cfg.dtype!r}")
+    if not 0 <= cfg.seed < 2**63:  # torch.manual_seed's range (numpy takes it mod 2**32)
+        raise SlmError(f"--seed must be in [0, 2**63), got {cfg.seed}")
     if cfg.time_budget is not None and cfg.time_budget <= 0:
         raise SlmError(f"--time-budget must be > 0 seconds, got {cfg.time_budget}")
 
@@ -166,9 +169,7 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 def save_config(cfg: TrainConfig, path) -> None:
-    from slm.train.checkpoint import write_text_atomic
-
-    write_text_atomic(path, json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    write_text(path, json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
 def load_config(path) -> TrainConfig:
