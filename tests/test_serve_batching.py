@@ -124,16 +124,17 @@ def test_joining_and_leaving_requests_get_their_single_request_output(draft, tem
 
     model = _tiny(2)
     g = torch.Generator().manual_seed(3)
-    specs = [(torch.randint(3, 256, (n,), generator=g).tolist(), m) for n, m in ((6, 9), (3, 14), (11, 4), (4, 7), (8, 12))]
+    specs = [(torch.randint(3, 256, (n,), generator=g).tolist(), m) for n, m in ((6, 9), (3, 14), (11, 4), (4, 20), (8, 12))]
     want = []
     for i, (prompt, m) in enumerate(specs):
         gen = torch.Generator().manual_seed(100 + i)
         want.append(generate(model, prompt, m, SamplingParams(temperature=temperature), stop_ids=[],
                              generator=gen).tokens)
-    sched = _scheduler(model, max_batch=3, draft=NgramDraft() if draft else None)
+    sched = _scheduler(model, max_batch=2, draft=NgramDraft() if draft else None)
     reqs = [_request(p, m, temperature, seed=100 + i) for i, (p, m) in enumerate(specs)]
-    # 0 runs alone first, 1 and 2 join later, 3 and 4 wait for free rows (max_batch 3).
-    _drive(sched, {0: [reqs[0][0]], 3: [reqs[1][0]], 4: [reqs[2][0], reqs[3][0]], 9: [reqs[4][0]]})
+    # 0 and 1 run alone; 2 and 3 are batched; 4 waits, then takes the row 2 left while 3 still runs in the
+    # row after it (the step that prefills 4 decodes 3: row 0 sits that step out).
+    _drive(sched, {0: [reqs[0][0]], 3: [reqs[1][0]], 4: [reqs[2][0], reqs[3][0]], 6: [reqs[4][0]]})
     for (req, events), w in zip(reqs, want):
         assert req.finish_reason == "length" and events[-1] == {"type": "done", "finish_reason": "length"}
         if temperature == 0.0 or draft is None:

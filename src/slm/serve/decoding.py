@@ -33,7 +33,8 @@ class RowCaches:
     """Views into the model's batched KV cache: one row, or the first n rows, as batch-1 / batch-n caches."""
 
     def __init__(self, model: Transformer, max_batch: int, ctx: int):
-        model.setup_cache(batch_size=max_batch, max_seq_len=ctx)
+        # One spare position past the context: rows that sit out a batched step write there.
+        model.setup_cache(batch_size=max_batch, max_seq_len=ctx + 1)
         full: list[KVCache] = [layer.attention.kv_cache for layer in model.layers]
         self.model = model
         self.row = [[c.rows(r, r + 1) for c in full] for r in range(max_batch)]
@@ -100,11 +101,12 @@ class Decoder:
     @torch.inference_mode()
     def run_alone(self, row: int, context: list[int], max_new: int, sampling: SamplingParams, stop_ids,
                   generator: torch.Generator, should_stop: Callable[[list[int]], bool],
-                  on_token: Callable[[int, bool], None]) -> SpecCounts:
+                  on_token: Callable[[int, bool], None], speculate: bool = True) -> SpecCounts:
         """Decode one request on its row with the library's single-request path until it finishes or
-        `should_stop` says so. Afterwards the row caches context[:-1] (the last token is pending)."""
+        `should_stop` says so (with the draft if there is one and `speculate`). Afterwards the row
+        caches context[:-1] (the last token is pending)."""
         self.caches.bind(self.caches.row[row])
-        if self.draft is None:
+        if self.draft is None or not speculate:
             generate(self.model, context, max_new, sampling, stop_ids=stop_ids, generator=generator,
                      should_stop=should_stop, on_token=lambda t: on_token(t, False))
             return SpecCounts()
@@ -125,11 +127,12 @@ class Decoder:
         return prefill(self.model, torch.tensor(tokens, device=self.device), start)
 
     @torch.inference_mode()
-    def decode_rows(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+    def decode_rows(self, tokens: list[int], positions: list[int | None]) -> torch.Tensor:
         """One step for rows 0..n-1: row r's pending token tokens[r] at positions[r] -> logits (n, V).
-        Rows without a request get any token at position 0: their cache row is free, and a request
-        that takes it writes its own positions from 0."""
+        A row that sits this step out (free, or its request just prefilled) passes position None: it
+        writes at the spare position `ctx`, which no request ever reaches, so its cache stays intact."""
         n = len(tokens)
+        positions = [self.ctx if p is None else p for p in positions]
         self.caches.bind(self.caches.prefix[n])
         ids = torch.tensor(tokens, device=self.device).view(n, 1)  # (n, 1)
         pos = torch.tensor(positions, device=self.device).view(n, 1)  # (n, 1)

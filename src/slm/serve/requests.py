@@ -47,6 +47,11 @@ class Request:
                                                        int(torch.randint(0, 2**62, ()).item()))
 
     @property
+    def speculate(self) -> bool:
+        """Seeded sampling is decoded without the draft (see `slm.serve.scheduler`) to stay reproducible."""
+        return self.sampling.greedy or self.seed is None
+
+    @property
     def context(self) -> list[int]:
         return self.prompt + self.generated
 

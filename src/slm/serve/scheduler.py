@@ -14,6 +14,11 @@ running batch at any step. A step is either:
 Speculation is thus used while one request runs, and plain batched decoding otherwise. Both give
 each request exactly its single-request output: greedy is the target's argmax either way, and
 sampling draws each token from the target's distribution with the request's own generator.
+A sampled request with a `seed` is never speculated: rejection sampling draws a number of random
+values that depends on the draft's proposals and on the adaptive K (which learns from every
+request the server has seen), so only plain decoding (one draw per token, in either mode) makes
+its output a function of its prompt, parameters and seed alone. Unseeded sampled requests are
+speculated, and are distributed exactly as the target's own sampling.
 """
 
 from __future__ import annotations
@@ -136,7 +141,7 @@ class Scheduler:
             return req.done or (bool(self.waiting) and len(self.rows) > 1)
 
         counts = self.decoder.run_alone(req.row, context, remaining, req.sampling, req.stop_ids, req.generator,
-                                        should_stop, lambda t, d: self._push(req, t, d))
+                                        should_stop, lambda t, d: self._push(req, t, d), req.speculate)
         req.cached = len(req.context) - 1  # the library leaves the last token pending
         req.spec.drafts += counts.drafts
         req.spec.draft_tokens += counts.draft_tokens
@@ -163,7 +168,7 @@ class Scheduler:
         if not batch:
             return
         n = max(req.row for req in batch) + 1
-        tokens, positions = [0] * n, [0] * n
+        tokens, positions = [0] * n, [None] * n
         for req in batch:
             tokens[req.row], positions[req.row] = req.generated[-1], len(req.context) - 1
         logits = self.decoder.decode_rows(tokens, positions)  # (n, V)
