@@ -80,6 +80,9 @@ class _Tok:
         return "".join(f"<{i}>" for i in ids)
 
 
+_IDS = []
+
+
 def _scheduler(model, max_batch=3, draft=None):
     from slm.serve.decoding import Decoder
     from slm.serve.metrics import Metrics
@@ -92,8 +95,9 @@ def _request(prompt, n, temperature=0.0, seed=None):
     from slm.serve.requests import Request
 
     events = []
-    req = Request(id=str(prompt[0]), prompt=prompt, max_tokens=n, sampling=SamplingParams(temperature=temperature),
+    req = Request(id=str(len(_IDS)), prompt=prompt, max_tokens=n, sampling=SamplingParams(temperature=temperature),
                   tokenizer=_Tok(), emit=events.append, seed=seed)
+    _IDS.append(req.id)
     return req, events
 
 
@@ -163,3 +167,27 @@ def test_cancelled_request_frees_its_row_at_the_next_step():
         sched._admit()
     assert sched.rows == [None, b]
     assert sched.metrics.requests["cancelled"] == 1
+
+
+def test_batched_verification_of_per_row_lookup_drafts():
+    """Two greedy requests decoded together from start to end (same length): their rows carry
+    prompt-lookup drafts verified in the batched forward, and each output is the single-request one."""
+    from slm.speculative import NgramDraft
+
+    model = _tiny(4)
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(3, 256, (k,), generator=g).tolist() * 4 for k in (3, 5)]  # repeats: lookups match
+    want = [generate(model, p, 30, stop_ids=[]).tokens for p in prompts]
+    sched = _scheduler(model, max_batch=2, draft=NgramDraft())
+    reqs = [_request(p, 30) for p in prompts]
+    for r, _ in reqs:
+        sched.submit(r)
+    with sched.cond:
+        sched._admit()
+    while not any(r.done for r, _ in reqs):  # batched steps only
+        sched._step([r for r, _ in reqs])
+    drafted = sum(r.spec.accepted_tokens for r, _ in reqs)
+    assert drafted > 0 and drafted == sum(sum(r.drafted) for r, _ in reqs)
+    assert sum(r.spec.draft_tokens for r, _ in reqs) >= drafted and sched.metrics.steps["alone"] == 0
+    _drive(sched, {0: []})  # the rest (the longer one alone)
+    assert [r.generated for r, _ in reqs] == want

@@ -9,7 +9,9 @@ holds one row. Two ways to advance requests, both exact:
   `slm generate` gives. The library re-prefills the context it is handed (its API starts from a
   prompt), and it stops, via `should_stop`, as soon as another request is waiting to join.
 - `prefill_row` + `decode_rows`: with two or more requests, one forward over all their rows per
-  step, each row at its own position (`Transformer.forward` with input_pos of shape (B, T)).
+  step, each row at its own positions (`Transformer.forward` with input_pos of shape (B, T)). With a
+  draft, greedy rows also carry up to `BATCH_LOOKUP_K` prompt-lookup draft tokens (`lookup`),
+  verified per row (`accept`, the library's `verify_greedy`): batched verification, per-row acceptance.
 
 When the library gains one `generate(model, prompt, ..., draft=..., on_token=(id, from_draft))`
 entry point, only `run_alone` changes: call it instead of the two functions and drop
@@ -26,7 +28,12 @@ import torch
 from slm.generate import generate, prefill
 from slm.model import KVCache, Transformer
 from slm.sampling import SamplingParams, next_token
-from slm.speculative import Draft, speculative_generate
+from slm.speculative import Draft, NgramDraft, speculative_generate, verify_greedy
+
+GREEDY = SamplingParams()
+# Draft tokens per row in a batched step (prompt lookup after a match of 2+ tokens, greedy rows).
+# Verifying K+1 positions of every row costs little more than 1 while the weights dominate.
+BATCH_LOOKUP_K = 4
 
 
 class RowCaches:
@@ -97,6 +104,7 @@ class Decoder:
         self.draft = _Provenance(draft) if draft is not None else None
         self.draft_tokens = draft_tokens
         self.device = model.tok_embeddings.weight.device
+        self.lookups: dict[str, NgramDraft] = {}
 
     @torch.inference_mode()
     def run_alone(self, row: int, context: list[int], max_new: int, sampling: SamplingParams, stop_ids,
@@ -127,18 +135,37 @@ class Decoder:
         return prefill(self.model, torch.tensor(tokens, device=self.device), start)
 
     @torch.inference_mode()
-    def decode_rows(self, tokens: list[int], positions: list[int | None]) -> torch.Tensor:
-        """One step for rows 0..n-1: row r's pending token tokens[r] at positions[r] -> logits (n, V).
-        A row that sits this step out (free, or its request just prefilled) passes position None: it
-        writes at the spare position `ctx`, which no request ever reaches, so its cache stays intact."""
-        n = len(tokens)
-        positions = [self.ctx if p is None else p for p in positions]
+    def decode_rows(self, tokens: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """One forward for rows 0..n-1: row r's tokens (its pending token, then any draft tokens) at
+        positions starts[r].. -> logits (n, T, V), T the longest row. A shorter row's padding goes to
+        the positions after its tokens: nothing reads a position before a later forward writes it.
+        Rows without a live request pass [any token] at start 0 (their cache row is free)."""
+        n, T = len(tokens), max(map(len, tokens))
+        ids = torch.zeros(n, T, dtype=torch.long)  # (n, T)
+        pos = torch.empty(n, T, dtype=torch.long)  # (n, T)
+        for r, (toks, start) in enumerate(zip(tokens, starts)):
+            ids[r, : len(toks)] = torch.tensor(toks)
+            pos[r] = torch.arange(start, start + T).clamp_(max=self.ctx)  # the spare position takes overflow
         self.caches.bind(self.caches.prefix[n])
-        ids = torch.tensor(tokens, device=self.device).view(n, 1)  # (n, 1)
-        pos = torch.tensor(positions, device=self.device).view(n, 1)  # (n, 1)
-        return self.model(ids, pos)[:, -1]  # (n, V)
+        return self.model(ids.to(self.device), pos.to(self.device))  # (n, T, V)
+
+    def lookup(self, key: str, context: list[int], k: int) -> list[int]:
+        """Up to k prompt-lookup draft tokens for one row of a batched step (each request keeps its
+        own n-gram index: `forget(key)` when it ends). Only when the server has a draft."""
+        if self.draft is None or k <= 0:
+            return []
+        ngram = self.lookups.setdefault(key, NgramDraft(min_ngram=2))
+        return ngram.propose(context, k, GREEDY).tokens
+
+    def forget(self, key: str) -> None:
+        self.lookups.pop(key, None)
 
 
 def pick(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator) -> int:
     """The next token from one row's logits (V,), as the library's single-request decoding picks it."""
     return int(next_token(logits, sampling, generator))
+
+
+def accept(logits: torch.Tensor, drafts: list[int]) -> tuple[int, int]:
+    """Greedy verification of one row: logits (K+1, V) at [pending, d_1..d_K] -> (accepted, next token)."""
+    return verify_greedy(logits, drafts)

@@ -8,10 +8,12 @@ running batch at any step. A step is either:
   (`Decoder.run_alone`), speculative when the server has a draft, until it finishes or someone
   waits to join (then it stops after its next token);
 - two or more requests: rows whose context is not cached yet are prefilled (their first token
-  comes from the prefill), the others advance one token in a single batched forward, each row at
-  its own position.
+  comes from the prefill), then every row advances in a single batched forward, each row at its
+  own positions. With a draft, each greedy row also carries up to `BATCH_LOOKUP_K` prompt-lookup
+  draft tokens, verified per row: a row keeps its accepted prefix plus the target's next token.
 
-Speculation is thus used while one request runs, and plain batched decoding otherwise. Both give
+So speculation runs with the server's full draft (model, lookup, adaptive K) while one request
+runs, and as batched verification of per-row prompt-lookup drafts with two or more. Both give
 each request exactly its single-request output: greedy is the target's argmax either way, and
 sampling draws each token from the target's distribution with the request's own generator.
 A sampled request with a `seed` is never speculated: rejection sampling draws a number of random
@@ -26,7 +28,7 @@ from __future__ import annotations
 import collections
 import threading
 
-from slm.serve.decoding import Decoder, pick
+from slm.serve.decoding import BATCH_LOOKUP_K, Decoder, accept, pick
 from slm.serve.metrics import Metrics
 from slm.serve.requests import Request
 
@@ -125,6 +127,7 @@ class Scheduler:
         self.metrics.finished(reason, len(req.prompt))
         self.metrics.add_spec(req.spec.drafts, req.spec.draft_tokens, req.spec.accepted_tokens,
                               req.spec.accepted_per_pos)
+        self.decoder.forget(req.id)
         req.emit({"type": "done", "finish_reason": reason})
 
     def _push(self, req: Request, token: int, from_draft: bool) -> None:
@@ -163,15 +166,36 @@ class Scheduler:
                 logits = self.decoder.prefill_row(req.row, context[req.cached :], req.cached)
                 req.cached = len(context)
                 self._push(req, pick(logits, req.sampling, req.generator), False)
-            else:
-                batch.append(req)
+                if req.done:
+                    continue
+            batch.append(req)
         if not batch:
             return
         n = max(req.row for req in batch) + 1
-        tokens, positions = [0] * n, [None] * n
+        tokens, starts, drafts = [[0]] * n, [0] * n, {}
         for req in batch:
-            tokens[req.row], positions[req.row] = req.generated[-1], len(req.context) - 1
-        logits = self.decoder.decode_rows(tokens, positions)  # (n, V)
+            context = req.context
+            room = min(req.max_tokens - len(req.generated), self.decoder.ctx - len(context)) - 1
+            drafts[req.row] = self.decoder.lookup(req.id, context, min(BATCH_LOOKUP_K, room)) \
+                if req.sampling.greedy else []
+            tokens[req.row], starts[req.row] = [context[-1]] + drafts[req.row], len(context) - 1
+        logits = self.decoder.decode_rows(tokens, starts)  # (n, T, V)
         for req in batch:
-            req.cached += 1
-            self._push(req, pick(logits[req.row], req.sampling, req.generator), False)
+            d = drafts[req.row]
+            if d:
+                accepted, extra = accept(logits[req.row, : len(d) + 1], d)
+                req.spec.drafts += 1
+                req.spec.draft_tokens += len(d)
+                req.spec.accepted_tokens += accepted
+                for i in range(accepted):
+                    if i == len(req.spec.accepted_per_pos):
+                        req.spec.accepted_per_pos.append(0)
+                    req.spec.accepted_per_pos[i] += 1
+                out = [(t, True) for t in d[:accepted]] + [(extra, False)]
+            else:
+                out = [(pick(logits[req.row, 0], req.sampling, req.generator), False)]
+            for token, from_draft in out:
+                self._push(req, token, from_draft)
+                if req.done:
+                    break
+            req.cached = len(req.context) - 1
