@@ -21,6 +21,7 @@ from serve_helpers import make_serve_model, metric, server_thread, server_proces
 PROMPTS = ["def add(a, b):\n    return a + b\n\ndef add(", "The quick brown fox", "In the beginning God created",
            "class Point:\n    def __init__(self, x, y):\n", "0123456789 ", "And the earth was without form"]
 LENGTHS = [2, 8, 20, 48]
+pytestmark = pytest.mark.usefixtures("one_thread")
 MALFORMED = [b"{oops", json.dumps({"prompt": "x", "temperature": "hot"}).encode(),
              json.dumps({"prompt": "fox " * 2000}).encode(), json.dumps({"prompt": "x", "max_tokens": -1}).encode()]
 
@@ -36,6 +37,7 @@ def _expected(model_dir):
     from slm.weights import load_model
 
     model, tok = load_model(model_dir), Tokenizer.load(model_dir)
+    model.setup_cache(max_seq_len=128)  # one cache for every prompt here
     stop = [tok.eos_id]
     return {(p, n): tok.decode(generate(model, tok.encode(p), n, stop_ids=stop).tokens)
             for p in PROMPTS for n in LENGTHS}
@@ -79,10 +81,13 @@ def _settle(url: str) -> None:
 
 @pytest.mark.slow
 def test_load(model_dir):
+    t_start = time.time()
     expected = _expected(model_dir)
+    print(f"load: expected outputs in {time.time() - t_start:.1f}s")
     with server_process(model_dir, "--max-batch", "8", "--max-queue", "64", "--draft", "auto",
                         "--threads", "1") as (url, proc):
         server = psutil.Process(proc.pid)
+        print(f"load: server up at {time.time() - t_start:.1f}s")
         t0 = time.time()
         _run(url, 60, expected)  # warm-up: every kind of request, every batch size
         _settle(url)

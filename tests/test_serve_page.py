@@ -16,7 +16,8 @@ import pytest
 pytest.importorskip("fastapi")
 selenium = pytest.importorskip("selenium")
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Debian's chromium and chromium-driver")
+pytestmark = [pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Debian's chromium and chromium-driver"),
+              pytest.mark.usefixtures("one_thread")]
 
 from serve_helpers import make_serve_model, server_thread  # noqa: E402
 
