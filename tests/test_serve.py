@@ -306,3 +306,12 @@ def test_real_smollm2_greedy_parity_concurrent_with_draft():
         assert got == want
         assert metric(url, 'slm:decode_steps_total{mode="batched"}') > 0
         assert metric(url, "slm:spec_decode_num_accepted_tokens_total") > 0
+
+
+def test_cli_bad_arguments_are_one_line_errors(model_dir, tmp_path, capsys):
+    for args in (["--max-batch", "0"], ["--ctx", "1"], ["--ctx", "999999"], ["--draft-tokens", "x"]):
+        assert slm_main(["serve", str(model_dir), *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("slm: error: ") and err.count("\n") == 1, err
+    assert slm_main(["serve", str(tmp_path / "missing")]) == 2
+    assert "no such file" in capsys.readouterr().err
