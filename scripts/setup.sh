@@ -19,4 +19,9 @@ if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && ! command -v bibl
   (apt-get update -qq && apt-get install -y -qq bible-kjv bible-kjv-text) >/dev/null 2>&1 \
     || echo "setup: note: Debian's bible-kjv could not be installed (optional)"
 fi
+# Optional: Debian's chromium and its chromedriver, for the test of `slm serve`'s page in a real browser.
+if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && ! command -v chromedriver >/dev/null 2>&1; then
+  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 \
+    || echo "setup: note: Debian's chromium could not be installed (optional; the page test is skipped)"
+fi
 echo "setup: done. Activate with: . .venv/bin/activate"

@@ -90,11 +90,24 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int):
-        # k, v: (B, Hkv, T, hd) written at positions input_pos (T,)
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
+        # k, v: (B, Hkv, T, hd) written at positions input_pos (T,), or (B, T): each row at its own positions
+        if input_pos.dim() == 2:
+            index = input_pos[:, None, :, None].expand_as(k)  # (B, Hkv, T, hd)
+            self.k.scatter_(2, index, k)
+            self.v.scatter_(2, index, v)
+        else:
+            self.k.index_copy_(2, input_pos, k)
+            self.v.index_copy_(2, input_pos, v)
         # Only positions < kv_len can be visible to these queries; reading less is faster.
         return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A cache over rows start..stop-1 of this one, sharing its memory (writes land here)."""
+        view = KVCache.__new__(KVCache)
+        nn.Module.__init__(view)
+        view.register_buffer("k", self.k[start:stop], persistent=False)
+        view.register_buffer("v", self.v[start:stop], persistent=False)
+        return view
 
 
 class Attention(nn.Module):
@@ -239,7 +252,8 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V).
 
-        input_pos: (T,) positions of `tokens` in the KV cache (increasing); None runs without the cache.
+        input_pos: (T,) positions of `tokens` in the KV cache (increasing); or (B, T), each row at its own
+            positions (continuous batching: rows of one cache at different lengths); None runs without the cache.
         logits_to_keep: if > 0, compute logits for the last that many positions only (prefill needs 1).
         return_hidden: return the final normalised hidden states (B, T, D) instead of logits
             (for losses that never materialise the full logits).
@@ -259,10 +273,12 @@ class Transformer(nn.Module):
             if not self.cache_len:
                 raise RuntimeError("input_pos given but no KV cache: call setup_cache() first")
             positions = input_pos
-            kv_len = int(input_pos[-1]) + 1
+            kv_len = int(input_pos.max() if input_pos.dim() == 2 else input_pos[-1]) + 1
             if kv_len > self.cache_len:
                 raise RuntimeError(f"position {kv_len - 1} is beyond the KV cache length {self.cache_len}")
-            if T > 1:  # query t sees cached positions <= input_pos[t]; a single query sees all kv_len
+            if input_pos.dim() == 2:  # rows at different positions: each query sees its own row's positions <= its own
+                mask = (torch.arange(kv_len, device=tokens.device) <= input_pos[..., None]).unsqueeze(1)  # (B, 1, T, kv_len)
+            elif T > 1:  # query t sees cached positions <= input_pos[t]; a single query sees all kv_len
                 mask = torch.arange(kv_len, device=tokens.device)[None, :] <= input_pos[:, None]  # (T, kv_len)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         for layer in self.layers:

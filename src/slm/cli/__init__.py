@@ -25,6 +25,7 @@ _COMMAND_MODULES = [
     "slm.cli.eval",  # eval
     "slm.cli.humaneval",  # humaneval
     "slm.cli.demo",  # demo
+    "slm.cli.serve",  # serve
 ]
 
 

@@ -1,0 +1,171 @@
+"""Every call the server makes into slm's decoding library, in one place.
+
+The scheduler (`slm.serve.scheduler`) owns one static KV cache of `max_batch` rows; each request
+holds one row. Two ways to advance requests, both exact:
+
+- `run_alone`: while exactly one request is active, it is decoded by the library's own
+  single-request path on its row (`slm.generate.generate`, or
+  `slm.speculative.speculative_generate` when the server has a draft), so its output is the one
+  `slm generate` gives. The library re-prefills the context it is handed (its API starts from a
+  prompt), and it stops, via `should_stop`, as soon as another request is waiting to join.
+- `prefill_row` + `decode_rows`: with two or more requests, one forward over all their rows per
+  step, each row at its own positions (`Transformer.forward` with input_pos of shape (B, T)). With a
+  draft, greedy rows also carry up to `BATCH_LOOKUP_K` prompt-lookup draft tokens (`lookup`),
+  verified per row (`accept`, the library's `verify_greedy`): batched verification, per-row acceptance.
+
+When the library gains one `generate(model, prompt, ..., draft=..., on_token=(id, from_draft))`
+entry point, only `run_alone` changes: call it instead of the two functions and drop
+`_Provenance`, which recovers from_draft from the draft's proposals today.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from slm.generate import generate, prefill
+from slm.model import KVCache, Transformer
+from slm.sampling import SamplingParams, next_token
+from slm.speculative import Draft, NgramDraft, speculative_generate, verify_greedy
+
+GREEDY = SamplingParams()
+# Draft tokens per row in a batched step (prompt lookup after a match of 2+ tokens, greedy rows).
+# Verifying K+1 positions of every row costs little more than 1 while the weights dominate.
+BATCH_LOOKUP_K = 4
+
+
+class RowCaches:
+    """Views into the model's batched KV cache: one row, or the first n rows, as batch-1 / batch-n caches."""
+
+    def __init__(self, model: Transformer, max_batch: int, ctx: int):
+        # One spare position past the context: rows that sit out a batched step write there.
+        model.setup_cache(batch_size=max_batch, max_seq_len=ctx + 1)
+        full: list[KVCache] = [layer.attention.kv_cache for layer in model.layers]
+        self.model = model
+        self.row = [[c.rows(r, r + 1) for c in full] for r in range(max_batch)]
+        self.prefix = [None] + [[c.rows(0, n) for c in full] for n in range(1, max_batch + 1)]
+
+    def bind(self, caches: list[KVCache]) -> None:
+        for layer, cache in zip(self.model.layers, caches):
+            layer.attention.kv_cache = cache
+
+
+class _Provenance(Draft):
+    """Wraps a draft to tell, for each token the engine emits, whether it was a draft token the
+    target accepted. A round emits the accepted prefix of its proposal and then one token of the
+    target's own (never equal to the rejected proposal: greedy would have accepted it, and the
+    rejection-sampling residual gives it probability 0)."""
+
+    def __init__(self, inner: Draft):
+        self.inner, self.proposed, self.i = inner, [], 0
+
+    def reset(self, length: int) -> None:
+        self.inner.reset(length)
+        self.proposed, self.i = [], 0
+
+    def max_tokens(self, context_len: int) -> int:
+        return self.inner.max_tokens(context_len)
+
+    def check_target(self, target) -> None:
+        self.inner.check_target(target)
+
+    def propose(self, context, k, sampling, generator=None):
+        proposal = self.inner.propose(context, k, sampling, generator)
+        self.proposed, self.i = proposal.tokens, 0
+        return proposal
+
+    def from_draft(self, token: int) -> bool:
+        drafted = self.i < len(self.proposed) and self.proposed[self.i] == token
+        self.i += 1
+        if not drafted:  # the round's own token ends it
+            self.proposed, self.i = [], 0
+        return drafted
+
+
+@dataclass
+class SpecCounts:
+    """Speculation counters of one run (vLLM/llama.cpp's spec_decode metrics)."""
+
+    drafts: int = 0  # verify rounds that drafted at least one token
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    accepted_per_pos: list[int] | None = None  # [i]: rounds whose draft token i was accepted
+
+
+class Decoder:
+    """The model, its row caches, and the optional draft; `draft_tokens` as `slm generate --draft-tokens`."""
+
+    def __init__(self, model: Transformer, max_batch: int, ctx: int, draft: Draft | None = None,
+                 draft_tokens: int | str = "auto"):
+        self.model, self.ctx = model, ctx
+        self.caches = RowCaches(model, max_batch, ctx)
+        self.draft = _Provenance(draft) if draft is not None else None
+        self.draft_tokens = draft_tokens
+        self.device = model.tok_embeddings.weight.device
+        self.lookups: dict[str, NgramDraft] = {}
+
+    @torch.inference_mode()
+    def run_alone(self, row: int, context: list[int], max_new: int, sampling: SamplingParams, stop_ids,
+                  generator: torch.Generator, should_stop: Callable[[list[int]], bool],
+                  on_token: Callable[[int, bool], None], speculate: bool = True) -> SpecCounts:
+        """Decode one request on its row with the library's single-request path until it finishes or
+        `should_stop` says so (with the draft if there is one and `speculate`). Afterwards the row
+        caches context[:-1] (the last token is pending)."""
+        self.caches.bind(self.caches.row[row])
+        if self.draft is None or not speculate:
+            generate(self.model, context, max_new, sampling, stop_ids=stop_ids, generator=generator,
+                     should_stop=should_stop, on_token=lambda t: on_token(t, False))
+            return SpecCounts()
+        draft = self.draft
+        result = speculative_generate(
+            self.model, draft, context, max_new, sampling, draft_tokens=self.draft_tokens, stop_ids=stop_ids,
+            generator=generator, should_stop=should_stop, on_token=lambda t: on_token(t, draft.from_draft(t)),
+        )
+        s = result.stats
+        rounds = s["accepted_per_round"]
+        per_pos = [sum(1 for a in rounds if a > i) for i in range(max(rounds, default=0))]
+        return SpecCounts(len(rounds), s["drafted_tokens"], s["accepted_tokens"], per_pos)
+
+    @torch.inference_mode()
+    def prefill_row(self, row: int, tokens: list[int], start: int) -> torch.Tensor:
+        """Write tokens at positions start.. of one row -> the last position's logits (V,)."""
+        self.caches.bind(self.caches.row[row])
+        return prefill(self.model, torch.tensor(tokens, device=self.device), start)
+
+    @torch.inference_mode()
+    def decode_rows(self, tokens: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """One forward for rows 0..n-1: row r's tokens (its pending token, then any draft tokens) at
+        positions starts[r].. -> logits (n, T, V), T the longest row. A shorter row's padding goes to
+        the positions after its tokens: nothing reads a position before a later forward writes it.
+        Rows without a live request pass [any token] at start 0 (their cache row is free)."""
+        n, T = len(tokens), max(map(len, tokens))
+        ids = torch.zeros(n, T, dtype=torch.long)  # (n, T)
+        pos = torch.empty(n, T, dtype=torch.long)  # (n, T)
+        for r, (toks, start) in enumerate(zip(tokens, starts)):
+            ids[r, : len(toks)] = torch.tensor(toks)
+            pos[r] = torch.arange(start, start + T).clamp_(max=self.ctx)  # the spare position takes overflow
+        self.caches.bind(self.caches.prefix[n])
+        return self.model(ids.to(self.device), pos.to(self.device))  # (n, T, V)
+
+    def lookup(self, key: str, context: list[int], k: int) -> list[int]:
+        """Up to k prompt-lookup draft tokens for one row of a batched step (each request keeps its
+        own n-gram index: `forget(key)` when it ends). Only when the server has a draft."""
+        if self.draft is None or k <= 0:
+            return []
+        ngram = self.lookups.setdefault(key, NgramDraft(min_ngram=2))
+        return ngram.propose(context, k, GREEDY).tokens
+
+    def forget(self, key: str) -> None:
+        self.lookups.pop(key, None)
+
+
+def pick(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator) -> int:
+    """The next token from one row's logits (V,), as the library's single-request decoding picks it."""
+    return int(next_token(logits, sampling, generator))
+
+
+def accept(logits: torch.Tensor, drafts: list[int]) -> tuple[int, int]:
+    """Greedy verification of one row: logits (K+1, V) at [pending, d_1..d_K] -> (accepted, next token)."""
+    return verify_greedy(logits, drafts)

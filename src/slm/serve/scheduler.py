@@ -1,0 +1,201 @@
+"""Continuous batching: one thread decodes every active request together over one static KV cache.
+
+Each request holds one cache row while it runs. Between steps the scheduler admits waiting
+requests into free rows and drops finished or cancelled ones, so requests join and leave the
+running batch at any step. A step is either:
+
+- one request alone (no one waiting): the library's single-request path runs it on its row
+  (`Decoder.run_alone`), speculative when the server has a draft, until it finishes or someone
+  waits to join (then it stops after its next token);
+- two or more requests: rows whose context is not cached yet are prefilled (their first token
+  comes from the prefill), then every row advances in a single batched forward, each row at its
+  own positions. With a draft, each greedy row also carries up to `BATCH_LOOKUP_K` prompt-lookup
+  draft tokens, verified per row: a row keeps its accepted prefix plus the target's next token.
+
+So speculation runs with the server's full draft (model, lookup, adaptive K) while one request
+runs, and as batched verification of per-row prompt-lookup drafts with two or more. Both give
+each request exactly its single-request output: greedy is the target's argmax either way, and
+sampling draws each token from the target's distribution with the request's own generator.
+A sampled request with a `seed` is never speculated: rejection sampling draws a number of random
+values that depends on the draft's proposals and on the adaptive K (which learns from every
+request the server has seen), so only plain decoding (one draw per token, in either mode) makes
+its output a function of its prompt, parameters and seed alone. Unseeded sampled requests are
+speculated, and are distributed exactly as the target's own sampling.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+
+from slm.serve.decoding import BATCH_LOOKUP_K, Decoder, accept, pick
+from slm.serve.metrics import Metrics
+from slm.serve.requests import Request
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound; the HTTP side answers 429 with Retry-After."""
+
+
+class Scheduler:
+    def __init__(self, decoder: Decoder, max_batch: int, max_queue: int, metrics: Metrics):
+        self.decoder, self.metrics = decoder, metrics
+        self.max_queue = max_queue
+        self.rows: list[Request | None] = [None] * max_batch
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.cond = threading.Condition()
+        self.closed = False
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="slm-scheduler", daemon=True)
+
+    # --- called from the HTTP side -----------------------------------------------------
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+        self.thread.join(timeout=30)
+
+    def submit(self, req: Request) -> None:
+        with self.cond:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull
+            self.waiting.append(req)
+            self.metrics.waiting = len(self.waiting)
+            self.cond.notify_all()
+
+    def cancel(self, req: Request) -> None:
+        """The client went away: the request stops before its next token and frees its row."""
+        with self.cond:
+            req.cancelled = True
+            self.cond.notify_all()
+
+    def rows_in_use(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+    # --- the scheduler thread ----------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self.cond:
+                    self._admit()
+                    active = [r for r in self.rows if r is not None]
+                    if self.closed:
+                        break
+                    if not active:
+                        self.cond.wait(timeout=1.0)
+                        continue
+                    alone = len(active) == 1 and (not self.waiting or len(self.rows) == 1)
+                if alone:
+                    self._run_alone(active[0])
+                else:
+                    self._step(active)
+        except BaseException as e:  # a bug, not a bad request: fail every request loudly
+            self.error = e
+            raise
+        finally:
+            with self.cond:
+                for req in [r for r in self.rows if r is not None] + list(self.waiting):
+                    req.emit({"type": "error", "message": f"the server's decoding loop stopped: {self.error!r}"})
+                self.rows = [None] * len(self.rows)
+                self.waiting.clear()
+
+    def _admit(self) -> None:
+        """(Lock held.) Free the rows of finished/cancelled requests, fill free rows from the queue."""
+        for i, req in enumerate(self.rows):
+            if req is not None and req.done:
+                self._finish(req)
+        while self.waiting and None in self.rows:
+            req = self.waiting.popleft()
+            if req.cancelled:
+                self._finish(req)
+                continue
+            req.row = self.rows.index(None)
+            self.rows[req.row] = req
+        self.metrics.waiting = len(self.waiting)
+        self.metrics.running = self.rows_in_use()
+
+    def _finish(self, req: Request) -> None:
+        if req.row is not None and self.rows[req.row] is req:
+            self.rows[req.row] = None
+        req.row = None
+        reason = "cancelled" if req.cancelled else req.finish_reason
+        self.metrics.finished(reason, len(req.prompt))
+        self.metrics.add_spec(req.spec.drafts, req.spec.draft_tokens, req.spec.accepted_tokens,
+                              req.spec.accepted_per_pos)
+        self.decoder.forget(req.id)
+        req.emit({"type": "done", "finish_reason": reason})
+
+    def _push(self, req: Request, token: int, from_draft: bool) -> None:
+        gap = req.push(token, from_draft)
+        self.metrics.token(gap, req.first_token_at - req.arrived if gap is None else None)
+
+    def _run_alone(self, req: Request) -> None:
+        self.metrics.steps["alone"] += 1
+        context = req.context
+        remaining = min(req.max_tokens - len(req.generated), self.decoder.ctx - len(context))
+
+        def should_stop(_new) -> bool:
+            # Another request waiting to join ends the solo run (after the token just emitted).
+            return req.done or (bool(self.waiting) and len(self.rows) > 1)
+
+        counts = self.decoder.run_alone(req.row, context, remaining, req.sampling, req.stop_ids, req.generator,
+                                        should_stop, lambda t, d: self._push(req, t, d), req.speculate)
+        req.cached = len(req.context) - 1  # the library leaves the last token pending
+        req.spec.drafts += counts.drafts
+        req.spec.draft_tokens += counts.draft_tokens
+        req.spec.accepted_tokens += counts.accepted_tokens
+        for i, c in enumerate(counts.accepted_per_pos or []):
+            if i == len(req.spec.accepted_per_pos):
+                req.spec.accepted_per_pos.append(0)
+            req.spec.accepted_per_pos[i] += c
+
+    def _step(self, active: list[Request]) -> None:
+        self.metrics.steps["batched"] += 1
+        batch = []
+        for req in active:
+            if req.done:
+                continue
+            context = req.context
+            if req.cached < len(context) - 1 or not req.generated and req.cached == 0:
+                # Not in the cache yet (a new request): prefill it; its logits give its next token.
+                logits = self.decoder.prefill_row(req.row, context[req.cached :], req.cached)
+                req.cached = len(context)
+                self._push(req, pick(logits, req.sampling, req.generator), False)
+                if req.done:
+                    continue
+            batch.append(req)
+        if not batch:
+            return
+        n = max(req.row for req in batch) + 1
+        tokens, starts, drafts = [[0]] * n, [0] * n, {}
+        for req in batch:
+            context = req.context
+            room = min(req.max_tokens - len(req.generated), self.decoder.ctx - len(context)) - 1
+            drafts[req.row] = self.decoder.lookup(req.id, context, min(BATCH_LOOKUP_K, room)) \
+                if req.sampling.greedy else []
+            tokens[req.row], starts[req.row] = [context[-1]] + drafts[req.row], len(context) - 1
+        logits = self.decoder.decode_rows(tokens, starts)  # (n, T, V)
+        for req in batch:
+            d = drafts[req.row]
+            if d:
+                accepted, extra = accept(logits[req.row, : len(d) + 1], d)
+                req.spec.drafts += 1
+                req.spec.draft_tokens += len(d)
+                req.spec.accepted_tokens += accepted
+                for i in range(accepted):
+                    if i == len(req.spec.accepted_per_pos):
+                        req.spec.accepted_per_pos.append(0)
+                    req.spec.accepted_per_pos[i] += 1
+                out = [(t, True) for t in d[:accepted]] + [(extra, False)]
+            else:
+                out = [(pick(logits[req.row, 0], req.sampling, req.generator), False)]
+            for token, from_draft in out:
+                self._push(req, token, from_draft)
+                if req.done:
+                    break
+            req.cached = len(req.context) - 1

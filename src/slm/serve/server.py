@@ -1,0 +1,65 @@
+"""`slm serve`: load the model (and draft), start the scheduler thread, run uvicorn."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from slm.errors import SlmError
+from slm.serve.app import ServerState, create_app
+from slm.serve.decoding import Decoder
+from slm.serve.metrics import Metrics
+from slm.serve.scheduler import Scheduler
+
+
+def build_state(model_path: str | os.PathLike, *, draft: str | None = None, draft_tokens: int | str = "auto",
+                max_batch: int = 8, max_queue: int = 64, ctx: int | None = None, api_key: str | None = None,
+                quantize: str | None = None) -> ServerState:
+    from slm.chat import apply_chat_template, load_chat_template
+    from slm.tokenizer import Tokenizer
+    from slm.weights import load_model, resolve_model_dir
+
+    if max_batch < 1:
+        raise SlmError(f"--max-batch must be >= 1, got {max_batch}")
+    if max_queue < 0:
+        raise SlmError(f"--max-queue must be >= 0, got {max_queue}")
+    model_dir = resolve_model_dir(model_path)
+    model = load_model(model_dir)
+    tokenizer = Tokenizer.load(model_dir)
+    full = model.config.max_seq_len
+    if ctx is not None and not 2 <= ctx <= full:
+        raise SlmError(f"--ctx must be in [2, {full}] (the model's context), got {ctx}")
+    ctx = ctx or min(full, 4096)
+    loaded_draft = None
+    if draft is not None:
+        from slm.speculative import load_draft
+
+        loaded_draft = load_draft(draft, target=model, target_dir=model_dir)  # before quantizing the target
+    if quantize == "int8":
+        from slm.quantize import quantize_int8
+
+        quantize_int8(model)
+    metrics = Metrics()
+    decoder = Decoder(model, max_batch, ctx, loaded_draft, draft_tokens)
+    scheduler = Scheduler(decoder, max_batch, max_queue, metrics)
+    render = None
+    if load_chat_template(model_dir) is not None:
+        render = lambda messages: apply_chat_template(model_dir, messages)  # noqa: E731
+    stop_ids = frozenset(i for i in {model.config.eos_id, tokenizer.eos_id} if i is not None)
+    return ServerState(name=Path(model_path).name, tokenizer=tokenizer, vocab_size=model.config.vocab_size, ctx=ctx,
+                       stop_ids=stop_ids, scheduler=scheduler, metrics=metrics, render_chat=render, api_key=api_key,
+                       draft=draft)
+
+
+def serve(model_path: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
+          **kwargs) -> None:
+    import uvicorn
+
+    state = build_state(model_path, **kwargs)
+    state.scheduler.start()
+    try:
+        print(f"slm serve: {state.name} on http://{host}:{port} (context {state.ctx}, draft {state.draft})",
+              flush=True)
+        uvicorn.run(create_app(state), host=host, port=port, log_level=log_level)
+    finally:
+        state.scheduler.stop()
