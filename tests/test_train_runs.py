@@ -174,7 +174,7 @@ def test_time_budget_stops_with_a_checkpoint(data_dir, tmp_path, capsys):
 
 def test_export_loads_in_transformers_with_the_same_logits(reference_run, tmp_path):
     transformers = pytest.importorskip("transformers")
-    from slm.weights import load_model
+    from slm.load import load_model
 
     out = tmp_path / "model"
     assert slm_in_process("export", str(reference_run), "--out", str(out)) == 0

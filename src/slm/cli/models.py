@@ -65,7 +65,7 @@ class _TextStream:
     def __init__(self, tokenizer, out=sys.stdout):
         self.tokenizer, self.out, self.ids, self.printed = tokenizer, out, [], 0
 
-    def __call__(self, token: int) -> None:
+    def __call__(self, token: int, from_draft: bool = False) -> None:
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids)
         if not text.endswith("\ufffd"):
@@ -79,46 +79,32 @@ def _generate(args: argparse.Namespace) -> int:
 
     apply_threads(args)
 
-    from slm.generate import generate
+    from slm.chat import apply_chat_template
+    from slm.generate import Stop, generate, stop_ids_for
+    from slm.load import load_draft, load_model, resolve_model_dir
+    from slm.quantize import quantize_int8
     from slm.sampling import SamplingParams
+    from slm.speculative import parse_draft_tokens
     from slm.tokenizer import Tokenizer
-    from slm.weights import load_model, resolve_model_dir
 
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    draft_tokens = parse_draft_tokens(args.draft_tokens)
     model_dir = resolve_model_dir(args.model)
     model = load_model(model_dir)
     tokenizer = Tokenizer.load(model_dir)
     prompt_text = args.prompt
     if args.chat:
-        from slm.chat import apply_chat_template
-
         prompt_text = apply_chat_template(model_dir, [{"role": "user", "content": args.prompt}])
     prompt = tokenizer.encode(prompt_text)
-    stop_ids = [i for i in {model.config.eos_id, tokenizer.eos_id} if i is not None]
-    generator = torch.Generator().manual_seed(args.seed)
+    # The draft first: an int4/int8 self-draft is made from the fp32 weights, before --quantize.
+    draft = load_draft(args.draft, target=model, target_dir=model_dir) if args.draft is not None else None
+    if args.quantize:
+        quantize_int8(model)
     stream = _TextStream(tokenizer) if (sys.stdout.isatty() and not args.json) else None
-
-    if args.draft is not None:
-        from slm.speculative import load_draft, parse_draft_tokens, speculative_generate
-
-        draft = load_draft(args.draft, target=model, target_dir=model_dir)
-        if args.quantize:
-            from slm.quantize import quantize_int8
-
-            quantize_int8(model)
-        result = speculative_generate(
-            model, draft, prompt, args.max_new_tokens, sampling,
-            draft_tokens=parse_draft_tokens(args.draft_tokens), stop_ids=stop_ids, generator=generator,
-            on_token=stream,
-        )
-    else:
-        if args.quantize:
-            from slm.quantize import quantize_int8
-
-            quantize_int8(model)
-        result = generate(
-            model, prompt, args.max_new_tokens, sampling, stop_ids=stop_ids, generator=generator, on_token=stream
-        )
+    result = generate(
+        model, prompt, args.max_new_tokens, sampling, draft=draft, draft_tokens=draft_tokens,
+        stop=Stop(stop_ids_for(model, tokenizer)), on_token=stream, generator=torch.Generator().manual_seed(args.seed),
+    )
 
     text = tokenizer.decode(result.tokens)
     if args.json:

@@ -27,7 +27,10 @@ import numpy as np
 import torch
 
 from slm.config import ModelConfig, get_config
+from slm.data.loader import DataLoader, PackedDataset, iterate_eval, read_manifest
+from slm.data.prepare import file_sha256
 from slm.errors import SlmError
+from slm.load import load_model
 from slm.train import checkpoint as ckpt
 from slm.train.loss import LanguageModel
 from slm.train.metrics import MetricsLog, flops_per_token, peak_flops, read_metrics
@@ -36,6 +39,7 @@ from slm.train.parallel import (
     parallelize, shutdown_distributed,
 )
 from slm.train.recipes import TrainConfig, grad_accum_steps, lr_at, save_config
+from slm.weights import copy_tokenizer_files, read_config
 
 CONFIG_FILE = "train_config.json"
 TOKENIZER_DIR = "tokenizer"
@@ -58,8 +62,6 @@ class TrainResult:
 
 def model_config_for(cfg: TrainConfig) -> ModelConfig:
     if cfg.init_from:
-        from slm.weights import read_config
-
         mc = read_config(cfg.init_from)
         if cfg.model is not None:
             named = get_config(cfg.model)
@@ -76,8 +78,6 @@ def build_training_model(mc: ModelConfig, cfg: TrainConfig) -> LanguageModel:
     """A LanguageModel on CPU: AMD init from the seed, or the weights of --init-from."""
     model = LanguageModel(mc)
     if cfg.init_from:
-        from slm.weights import load_model
-
         model.load_state_dict(load_model(cfg.init_from).state_dict(), strict=True)
     else:
         model.init_weights(torch.Generator().manual_seed(cfg.seed))
@@ -102,8 +102,6 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
 
 
 def data_checks(cfg: TrainConfig, mc: ModelConfig) -> dict:
-    from slm.data.loader import read_manifest
-
     manifest = read_manifest(cfg.data)
     if cfg.seq_len is not None and cfg.seq_len != manifest["seq_len"]:
         raise SlmError(
@@ -114,8 +112,6 @@ def data_checks(cfg: TrainConfig, mc: ModelConfig) -> dict:
         raise SlmError(f"{cfg.data}: seq_len {manifest['seq_len']} exceeds model max_seq_len {mc.max_seq_len}")
     tok = manifest.get("tokenizer", {})
     if cfg.init_from and tok.get("path"):  # continuing a model on data it cannot read would be silent garbage
-        from slm.data.prepare import file_sha256
-
         mine = Path(cfg.init_from) / Path(tok["path"]).name
         if mine.is_file() and file_sha256(mine) != tok.get("sha256"):
             raise SlmError(f"{cfg.data} was tokenized with another tokenizer than {mine}")
@@ -127,8 +123,6 @@ def data_checks(cfg: TrainConfig, mc: ModelConfig) -> dict:
 
 def copy_run_tokenizer(manifest: dict, run_dir: Path) -> None:
     """Keep the data's tokenizer in the run directory, so export never depends on where the data was."""
-    from slm.weights import copy_tokenizer_files
-
     src = manifest.get("tokenizer", {}).get("path")
     if not src or not Path(src).exists():
         return
@@ -205,8 +199,6 @@ def evaluate(engine, cfg: TrainConfig, info: DistInfo, amp) -> tuple[float, floa
 
     The same batches whatever the world size: global batch j is on rank j % world_size.
     """
-    from slm.data.loader import PackedDataset, iterate_eval
-
     n_windows = len(PackedDataset(cfg.data, "val"))
     if n_windows == 0:
         return None
@@ -268,8 +260,6 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = False, l
 
 
 def _train(cfg: TrainConfig, info: DistInfo, resume: bool, show_progress: bool, log) -> TrainResult:
-    from slm.data.loader import DataLoader
-
     run_dir = Path(cfg.out)
     mc = model_config_for(cfg)
     manifest = data_checks(cfg, mc)

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from slm.config import ModelConfig
+from slm.errors import SlmError
 
 # Dense (no sparsity) bf16 peak FLOP/s per device.
 GPU_PEAK_BF16 = {
@@ -132,8 +133,6 @@ def plot_losses(run_dir: str | Path, png: str | Path, title: str | None = None, 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        from slm.errors import SlmError
-
         raise SlmError("plotting needs matplotlib (pip install 'slm[plot]')") from None
     records = read_metrics(run_dir)
     starts = [r for r in records if r["kind"] == "start"]

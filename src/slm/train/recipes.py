@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from slm.errors import SlmError
+from slm.train.checkpoint import write_text_atomic
 
 
 def _f(default, help: str, **kw):
@@ -166,8 +167,6 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 def save_config(cfg: TrainConfig, path) -> None:
-    from slm.train.checkpoint import write_text_atomic
-
     write_text_atomic(path, json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
