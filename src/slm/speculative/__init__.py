@@ -13,12 +13,13 @@ target's own sampling. The loop itself is `slm.generate.generate` (with `draft=`
 from slm.speculative.drafts import Draft, HybridDraft, ModelDraft, NgramDraft, Proposal, SelfDraft, as_draft
 from slm.speculative.lm import HFLM, CachedLM, SlmLM, as_lm
 from slm.speculative.schedule import (
-    AdaptiveK, FixedK, Offer, Plan, Round, break_even_acceptance, parse_draft_tokens, predicted_speedup,
+    AdaptiveK, FixedK, Offer, Plan, Round, break_even_acceptance, expected_tokens, parse_draft_tokens,
+    predicted_speedup,
 )
 from slm.speculative.verify import rejection_sample, verify_greedy
 
 __all__ = [
     "HFLM", "AdaptiveK", "CachedLM", "Draft", "FixedK", "HybridDraft", "ModelDraft", "NgramDraft", "Offer", "Plan",
-    "Proposal", "Round", "SelfDraft", "SlmLM", "as_draft", "as_lm", "break_even_acceptance", "parse_draft_tokens",
-    "predicted_speedup", "rejection_sample", "verify_greedy",
+    "Proposal", "Round", "SelfDraft", "SlmLM", "as_draft", "as_lm", "break_even_acceptance", "expected_tokens",
+    "parse_draft_tokens", "predicted_speedup", "rejection_sample", "verify_greedy",
 ]

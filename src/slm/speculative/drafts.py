@@ -154,7 +154,7 @@ class SelfDraft(ModelDraft):
         self.target_model = target_model
 
     def reset(self, length: int) -> None:
-        # The target's cache must already hold `length` positions (the engine prepares it first).
+        # The target's cache must already hold `length` positions (generate prepares it first).
         target, draft = self.target_model, self.lm.model
         if target.cache_len < length:
             raise RuntimeError(f"the target's KV cache holds {target.cache_len} positions, {length} needed")
