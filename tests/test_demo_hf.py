@@ -63,3 +63,21 @@ def test_demo_with_transformers_target_and_draft(tmp_path, tokenizer_dir):
     # A re-run reuses every generation.
     run_demo(cfg)
     assert len((work / "results.jsonl").read_text().splitlines()) == 6
+
+
+def test_cli_generate_with_a_transformers_model(tmp_path, tokenizer_dir, capsys):
+    """`slm generate MODEL` resolves a transformers directory through slm.load like the demo does."""
+    from slm.cli import main
+    from slm.tokenizer import Tokenizer
+
+    model_dir = _hf_dir(tmp_path / "m", tokenizer_dir, seed=2, layers=1)
+    assert main(["generate", str(model_dir), "--prompt", "def add(a, b):", "--max-new-tokens", "6", "--json",
+                 "--draft", "ngram"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = torch.tensor([Tokenizer.load(model_dir).encode("def add(a, b):")])
+    ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                      pad_token_id=0)[0, ids.shape[1]:].tolist()
+    assert out["tokens"] == ref[: len(out["tokens"])] and out["tokens"]
+    assert main(["generate", str(model_dir), "--prompt", "x", "--quantize", "int8"]) == 2
+    assert "--quantize needs a model slm runs itself" in capsys.readouterr().err

@@ -24,10 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate",
         help="generate a completion (optionally with speculative decoding)",
-        description="Generate a completion of --prompt with MODEL (a model directory or a .gguf file). "
+        description="Generate a completion of --prompt with MODEL (a model directory, a .gguf file, or a "
+        "transformers model directory of an architecture slm does not run itself). "
         "Prints only the completion, streamed as it is produced on a terminal. Greedy unless --temperature > 0.",
     )
-    p.add_argument("model", metavar="MODEL", help="model directory or .gguf file")
+    p.add_argument("model", metavar="MODEL", help="model directory, .gguf file or transformers model directory")
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template (instruct models)")
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="stop after N new tokens (default 128)")
@@ -81,7 +82,9 @@ def _generate(args: argparse.Namespace) -> int:
 
     from slm.chat import apply_chat_template
     from slm.generate import Stop, generate, stop_ids_for
-    from slm.load import load_draft, load_model, resolve_model_dir
+    from slm.errors import SlmError
+    from slm.load import load_any, load_draft
+    from slm.model import Transformer
     from slm.quantize import quantize_int8
     from slm.sampling import SamplingParams
     from slm.speculative import parse_draft_tokens
@@ -89,8 +92,9 @@ def _generate(args: argparse.Namespace) -> int:
 
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     draft_tokens = parse_draft_tokens(args.draft_tokens)
-    model_dir = resolve_model_dir(args.model)
-    model = load_model(model_dir)
+    model, model_dir = load_any(args.model)
+    if args.quantize and not isinstance(model, Transformer):
+        raise SlmError(f"{args.model}: --quantize needs a model slm runs itself, not a transformers model")
     tokenizer = Tokenizer.load(model_dir)
     prompt_text = args.prompt
     if args.chat:

@@ -32,7 +32,7 @@ from slm.eval.humaneval import (
     write_jsonl,
 )
 from slm.generate import Stop, generate, stop_ids_for
-from slm.load import load_draft, load_model, resolve_model_dir
+from slm.load import load_any, load_draft
 from slm.sampling import SamplingParams
 from slm.tokenizer import Tokenizer
 
@@ -195,8 +195,7 @@ def run_humaneval(
         raise SlmError("scoring HumanEval executes model-generated code: allow_code_execution must be set")
     out_dir = Path(out_dir)
     problems = select_problems(problems_path, limit)
-    model_dir = resolve_model_dir(model_path)
-    model = load_model(model_dir)
+    model, model_dir = load_any(model_path)
     tokenizer = Tokenizer.load(model_dir)
     draft = None
     if draft_spec is not None:
