@@ -76,9 +76,14 @@ def test_greedy_equals_target_greedy(target, drafts, kind):
 
 
 def test_full_accept_rounds_and_counters(target):
-    r = generate(target, [5, 6, 7], 18, draft=target, draft_tokens=4, stop=Stop())
+    seen = []
+    r = generate(target, [5, 6, 7], 18, draft=target, draft_tokens=4, stop=Stop(),
+                 on_token=lambda t, from_draft: seen.append((t, from_draft)))
     # The prefill gives token 1; 3 rounds of 4 drafts + 1 target token; the last round may draft
     # only 1 (18 - 16 - 1).
+    assert [t for t, _ in seen] == r.tokens
+    assert [d for _, d in seen] == [False] + ([True] * 4 + [False]) * 3 + [True, False]
+    assert r.stats["accepted_per_pos"] == [4, 3, 3, 3]
     assert r.stats["rounds"] == 4
     assert r.stats["draft_n"] == 4 + 4 + 4 + 1 and r.stats["draft_n_accepted"] == 13
     assert r.stats["mean_accepted"] == 13 / 4 and r.stats["tokens_per_round"] == 17 / 4
