@@ -104,7 +104,8 @@ def test_stop_token_and_context_limit(target, drafts):
     assert r.tokens == want.tokens and len(r.tokens) == 8 and r.stop_reason == "context"
     two = generate(target, [4], 5, stop=Stop()).tokens[:2]
     tok = _Spelled()
-    r = generate(target, [4], 5, draft=drafts["right"], draft_tokens=3, stop=Stop(strings=(tok.decode(two),), tokenizer=tok))
+    stop = Stop(strings=(tok.decode(two),), tokenizer=tok)  # the text of the first two tokens
+    r = generate(target, [4], 5, draft=drafts["right"], draft_tokens=3, stop=stop)
     assert r.stop_reason == "stop" and r.tokens == two
 
 

@@ -1,9 +1,9 @@
 """Draft sources: a smaller model (slm or transformers), or prompt lookup (n-gram matching).
 
 Each round a draft first says what it could propose (`offers`: evidence and catch-up cost, see
-`slm.speculative.schedule`), then proposes as many tokens as the schedule's plan says. A draft proposes up to k tokens after the context, together with the distribution q it drew
-each one from (None for a deterministic proposal: q is then the one-hot of the token, which
-rejection sampling handles exactly). Distributions are over the target's vocabulary: a draft
+`slm.speculative.schedule`), then proposes as many tokens as the schedule's plan says, together
+with the distribution q it drew each one from (None for a deterministic proposal: q is then the
+one-hot of the token, which rejection sampling handles exactly). Distributions are over the target's vocabulary: a draft
 whose vocabulary is a prefix of the target's gives the missing ids probability 0.
 """
 
