@@ -32,7 +32,7 @@ from slm.data.prepare import PrepareConfig, prepare
 from slm.data.sources import ReadOptions, parse_source
 from slm.errors import SlmError
 from slm.eval.humaneval import DEFAULT_TIMEOUT, Sample, read_problems, score
-from slm.eval.humaneval_generate import build_prompt, decode_new, extract_completion, select_problems, stop_for
+from slm.eval.humaneval_generate import build_prompt, completion_of, select_problems, stop_for
 from slm.generate import generate
 from slm.gguf_import import import_gguf
 from slm.load import is_transformers_dir, load_any, load_draft, resolve_model_dir
@@ -164,7 +164,7 @@ def _read_results(path: Path, max_new_tokens: int) -> dict[tuple[str, str], dict
                 r = json.loads(line)
             except json.JSONDecodeError:  # not expected (written atomically), but never fatal
                 continue
-            if r.get("max_new_tokens") == max_new_tokens:
+            if r.get("max_new_tokens") == max_new_tokens and "rounds" in r.get("stats", {}):  # this version's
                 done[(r["row"], r["task_id"])] = r
     return done
 
@@ -197,12 +197,10 @@ def run_generations(cfg: DemoConfig, target_dir: Path, rows: list[Row]) -> dict[
                 continue
             res = generate(target, prompt_ids, cfg.max_new_tokens, draft=drafts.get(row.label),
                            draft_tokens=row.draft_tokens, stop=stop)
-            new = [t for t in res.tokens if t not in stop.ids]
             done[(row.label, problem.task_id)] = {
                 "row": row.label, "task_id": problem.task_id, "max_new_tokens": cfg.max_new_tokens,
-                "tokens": res.tokens, "new_tokens": res.new_tokens, "seconds": res.seconds,
-                "completion": extract_completion(problem, decode_new(tokenizer, prompt_ids, new), cfg.prompt_format),
-                "stats": res.stats,
+                "tokens": res.tokens, "new_tokens": res.new_tokens, "seconds": res.seconds, "stats": res.stats,
+                "completion": completion_of(problem, tokenizer, prompt_ids, res.tokens, stop, cfg.prompt_format),
             }
             write_text(results_path, "".join(json.dumps(r) + "\n" for r in done.values()))
             bar.update(1)

