@@ -64,10 +64,10 @@ def bytes_per_token(model, kv_len: int) -> int:
 
 def run_ours(model, prompt: list[int], n: int) -> tuple[list[int], float, float]:
     """-> (tokens, decode tokens/s (first to last new token), total seconds)."""
-    from slm.generate import generate
+    from slm.generate import Stop, generate
 
     stamps = []
-    res = generate(model, prompt, n, stop_ids=[], on_token=lambda t: stamps.append(time.perf_counter()))
+    res = generate(model, prompt, n, stop=Stop(), on_token=lambda t, from_draft: stamps.append(time.perf_counter()))
     return res.tokens, (len(stamps) - 1) / (stamps[-1] - stamps[0]), res.seconds
 
 
@@ -98,7 +98,8 @@ def load_case(name: str):
     """-> (slm model, transformers model, tokenizer or None)."""
     import transformers
 
-    from slm.weights import load_model, slm_to_hf
+    from slm.load import load_model
+    from slm.weights import slm_to_hf
 
     if name == "smollm2":
         from slm.assets import smollm2_gguf

@@ -74,7 +74,7 @@ def main() -> int:
 
     from slm.eval.loglikelihood import RequestEncoder
     from slm.eval.run import build_items, evaluate
-    from slm.weights import load_model
+    from slm.load import load_model
 
     items, source = build_items(args.task, args.data_dir, args.limit)
     n_choices = max(len(it.requests) for it in items)

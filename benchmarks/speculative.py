@@ -103,36 +103,32 @@ def alpha_from_rounds(tokens_per_round: float, k: int) -> float:
     """Leviathan's per-token acceptance alpha that yields this mean tokens per round at draft length k,
     i.e. the root of (1 - a^(k+1)) / (1 - a) = tokens_per_round (by bisection; the left side increases in a).
     AMD's acceptance rate (accepted / drafted) is not alpha: it is lower at larger k."""
+    from slm.speculative import expected_tokens
+
     lo, hi = 0.0, 1.0
     for _ in range(60):
         mid = (lo + hi) / 2
-        if sum(mid**i for i in range(k + 1)) < tokens_per_round:
+        if expected_tokens(k, mid) < tokens_per_round:
             lo = mid
         else:
             hi = mid
     return lo
 
 
-def predicted_speedup(a: float, k: int, c: float, v: float = 1.0) -> float:
-    """Leviathan et al.'s expected speedup; v: cost of the verify forward in decode steps (1 in the paper)."""
-    tokens = k + 1 if a >= 1.0 else (1 - a ** (k + 1)) / (1 - a)
-    return tokens / (k * c + v)
-
-
 # --- engines -------------------------------------------------------------------------------------
 
 
 def ours_plain(model, n):
-    from slm.generate import generate
+    from slm.generate import Stop, generate
 
-    return lambda p: (generate(model, p, n, stop_ids=[]).tokens, {})
+    return lambda p: (generate(model, p, n, stop=Stop()).tokens, {})
 
 
 def ours_spec(target, draft, n, k):
-    from slm.speculative import speculative_generate
+    from slm.generate import Stop, generate
 
     def run(p):
-        r = speculative_generate(target, draft, p, n, draft_tokens=k, stop_ids=[])
+        r = generate(target, p, n, draft=draft, draft_tokens=k, stop=Stop())
         return r.tokens, r.stats
 
     return run
@@ -162,7 +158,7 @@ def load_smollm2():
     """-> (slm model, model dir) of the real SmolLM2-135M-Instruct."""
     from slm.assets import smollm2_gguf
     from slm.gguf_import import cached_import
-    from slm.weights import load_model
+    from slm.load import load_model
 
     model_dir = cached_import(smollm2_gguf())
     return load_model(model_dir), model_dir
@@ -241,7 +237,7 @@ def linears(model) -> list:
 def matmul_seconds(model, tokens: int, repeats: int = 15) -> float:
     """Median seconds of the matmuls alone of a forward over `tokens` tokens: every linear of the
     model run in turn on (tokens, in_features) inputs, through the same kernels as the forward
-    (after `setup_cache`, oneDNN's packed weights). The rest of a forward is small ops."""
+    (after `slm.pack.pack`, oneDNN's packed weights). The rest of a forward is small ops."""
     mods = linears(model)
     xs = {m.in_features: torch.randn(tokens, m.in_features) for m in mods}
     times = []
@@ -265,8 +261,7 @@ def short_prompts(args, tokenizer, model_dir, count: int) -> list[list[int]]:
 
 
 def part_controlled(args, full, model_dir, tokenizer, tmp: Path) -> list[dict]:
-    from slm.speculative import SlmLM
-    from slm.speculative.hf import HFLM
+    from slm.speculative import HFLM, SlmLM, predicted_speedup
 
     prompts = short_prompts(args, tokenizer, model_dir, args.controlled_prompts)
     n = args.controlled_tokens
@@ -289,10 +284,9 @@ def part_controlled(args, full, model_dir, tokenizer, tmp: Path) -> list[dict]:
         peak, flops_per_token = sgemm_peak_gflops(), 2 * sum(m.weight.numel() for m in linears(target))
         for k in args.ks:
             st = res[f"slm K={k}"]["stats"]
-            rate = sum(s["accepted_tokens"] for s in st) / sum(s["drafted_tokens"] for s in st)
+            rate = sum(s["draft_n_accepted"] for s in st) / sum(s["draft_n"] for s in st)
             # Tokens per verify round (the first new token comes from the prefill, not from a round).
-            per_round = sum(s["tokens_per_target_forward"] * s["target_forwards"] for s in st) / sum(
-                s["target_forwards"] for s in st)
+            per_round = sum(s["tokens_per_round"] * s["rounds"] for s in st) / sum(s["rounds"] for s in st)
             a = 1.0 if rate == 1.0 else alpha_from_rounds(per_round, k)
             row = {"part": "controlled", "target": label, "K": k, "acceptance": round(rate, 3), "alpha": round(a, 3)}
             speedups = {eng: ratios(res, f"{eng} target", f"{eng} K={k}") for eng in ("slm", "hf")}
@@ -349,15 +343,15 @@ def part_bound(args, full) -> list[dict]:
 def part_acceptance(args, full, model_dir, tokenizer) -> list[dict]:
     """slm's acceptance rate on the noisy pair for each --noises value, prompt and K (greedy,
     --controlled-tokens each): how the noise level sets the pair's acceptance."""
-    from slm.speculative import speculative_generate
+    from slm.generate import Stop, generate
 
     prompts = short_prompts(args, tokenizer, model_dir, args.controlled_prompts)
     rows = []
     for noise in args.noises:
         draft, target = controlled_pair(full, args.draft_layers, noise)
         for i, p in enumerate(prompts):
-            rates = {k: speculative_generate(target, draft, p, args.controlled_tokens, draft_tokens=k,
-                                             stop_ids=[]).stats["acceptance_rate"] for k in args.ks}
+            rates = {k: generate(target, p, args.controlled_tokens, draft=draft, draft_tokens=k,
+                                 stop=Stop()).stats["acceptance_rate"] for k in args.ks}
             row = {"part": "acceptance", "noise": noise, "prompt": i, **{f"K={k}": round(r, 3) for k, r in rates.items()}}
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -390,8 +384,8 @@ def part_useless(args, full, model_dir, tokenizer, tmp: Path) -> list[dict]:
     for spec in ("slm auto kept", "slm auto fresh"):
         st = res[spec]["stats"]
         key = spec.split()[-1]
-        row[f"{key}_acceptance"] = round(sum(s["accepted_tokens"] for s in st) / max(sum(s["drafted_tokens"] for s in st), 1), 3)
-        row[f"{key}_drafted_per_generation"] = round(statistics.mean(s["drafted_tokens"] for s in st), 1)
+        row[f"{key}_acceptance"] = round(sum(s["draft_n_accepted"] for s in st) / max(sum(s["draft_n"] for s in st), 1), 3)
+        row[f"{key}_drafted_per_generation"] = round(statistics.mean(s["draft_n"] for s in st), 1)
         speedups = ratios(res, "slm target", spec)
         row[f"slm_{key}_speedup"] = round(statistics.median(speedups), 3)
         row[f"slm_{key}_speedup_range"] = [round(min(speedups), 3), round(max(speedups), 3)]
@@ -403,7 +397,8 @@ def part_useless(args, full, model_dir, tokenizer, tmp: Path) -> list[dict]:
 def part_real(args, target, model_dir, tokenizer, tmp: Path) -> list[dict]:
     from transformers import AutoModelForCausalLM
 
-    from slm.speculative import NgramDraft, load_draft
+    from slm.load import load_draft
+    from slm.speculative import NgramDraft
 
     prompts = humaneval_prompts(tokenizer, args.prompts, model_dir, args.prompt_format)
     n, k = args.new_tokens, args.real_k
@@ -437,8 +432,8 @@ def part_real(args, target, model_dir, tokenizer, tmp: Path) -> list[dict]:
                "speedup": round(ratio(res, f"{eng} target", name), 3)}
         if r["stats"] and r["stats"][0]:
             st = r["stats"]
-            drafted = sum(s["drafted_tokens"] for s in st)
-            row["acceptance"] = round(sum(s["accepted_tokens"] for s in st) / max(drafted, 1), 3)
+            drafted = sum(s["draft_n"] for s in st)
+            row["acceptance"] = round(sum(s["draft_n_accepted"] for s in st) / max(drafted, 1), 3)
             row["mean_k"] = round(statistics.mean(s["mean_k"] for s in st), 2)
         hf_peer = {"ngram": f"hf ngram K={k}", "int8": f"hf dyn-int8 K={k}", "int4": f"hf dyn-int8 K={k}",
                    "auto": f"hf ngram K={k}"}.get(name.split()[1] if eng == "slm" else "")

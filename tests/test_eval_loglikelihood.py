@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from eval_helpers import make_model_dir
 from slm.eval.loglikelihood import RequestEncoder, loglikelihoods, make_batches, tokenizer_adds_bos
 from slm.tokenizer import Tokenizer
-from slm.weights import load_model
+from slm.load import load_model
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from slm.errors import SlmError
-from slm.generate import generate
+from slm.generate import Stop, generate
+from slm.load import load_model
 from slm.sampling import SamplingParams
-from slm.weights import load_model
+from slm.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -30,24 +31,30 @@ def test_greedy_matches_transformers_generate(models, seed):
     assert result.prompt_tokens == len(prompt)
 
 
-def test_stops_at_stop_token_and_callback(models):
+def test_stops_at_stop_token_and_callback(models, tiny_model_dir):
     ours, _ = models
     prompt = [5, 6, 7, 8]
     free = generate(ours, prompt, max_new_tokens=12).tokens
     stop = free[4]
-    result = generate(ours, prompt, max_new_tokens=12, stop_ids=[stop])
+    result = generate(ours, prompt, max_new_tokens=12, stop=Stop((stop,)))
     assert result.tokens == free[: free.index(stop) + 1]
     assert result.stop_reason == "eos"
+    # A stop string: generation ends at the first token whose text completes it.
+    tok = Tokenizer.load(tiny_model_dir)
+    text = tok.decode(free)
+    end = next(i for i in range(1, len(free) + 1) if tok.decode(free[:i]).strip())  # the first visible text
+    target = tok.decode(free[:end]).strip()[-1]
     seen = []
-    result = generate(ours, prompt, max_new_tokens=12, stop_ids=[], on_token=seen.append,
-                      should_stop=lambda toks: len(toks) == 3)
-    assert seen == result.tokens == free[:3] and result.stop_reason == "stop"
+    result = generate(ours, prompt, max_new_tokens=12, stop=Stop(strings=(target,), tokenizer=tok),
+                      on_token=lambda t, from_draft: seen.append((t, from_draft)))
+    assert result.stop_reason == "stop" and result.tokens == free[:end] and target in text
+    assert seen == [(t, False) for t in result.tokens]  # every token streamed, none from a draft
 
 
 def test_context_limit(models):
     ours, _ = models
     ctx = ours.config.max_seq_len
-    result = generate(ours, [3] * (ctx - 4), max_new_tokens=50, stop_ids=[])
+    result = generate(ours, [3] * (ctx - 4), max_new_tokens=50, stop=Stop())
     assert result.new_tokens == 4 and result.stop_reason == "context"
     with pytest.raises(SlmError, match=f"prompt has {ctx} tokens, but the model's context is {ctx}"):
         generate(ours, [3] * ctx, max_new_tokens=1)
@@ -66,7 +73,7 @@ def test_bad_prompts(models):
 def test_sampling_is_seeded(models):
     ours, _ = models
     params = SamplingParams(temperature=1.0, top_k=50)
-    a = generate(ours, [5, 6], 20, params, stop_ids=[], generator=torch.Generator().manual_seed(1)).tokens
-    b = generate(ours, [5, 6], 20, params, stop_ids=[], generator=torch.Generator().manual_seed(1)).tokens
-    c = generate(ours, [5, 6], 20, params, stop_ids=[], generator=torch.Generator().manual_seed(2)).tokens
+    a = generate(ours, [5, 6], 20, params, stop=Stop(), generator=torch.Generator().manual_seed(1)).tokens
+    b = generate(ours, [5, 6], 20, params, stop=Stop(), generator=torch.Generator().manual_seed(1)).tokens
+    c = generate(ours, [5, 6], 20, params, stop=Stop(), generator=torch.Generator().manual_seed(2)).tokens
     assert a == b and a != c

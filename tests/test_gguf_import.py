@@ -159,7 +159,7 @@ def test_quantized_import_matches_the_file(tmp_path, qtype):
 @pytest.mark.parametrize("qtype", ["F32", "Q8_0", "Q4_K", "Q6_K"])
 def test_logits_match_transformers_loading_the_gguf(tmp_path, qtype):
     transformers = pytest.importorskip("transformers")
-    from slm.weights import load_model
+    from slm.load import load_model
 
     path = write_gguf(tmp_path / "m.gguf", _hf_state(), qtype)
     ours = load_model(import_gguf(path, tmp_path / "out"))
@@ -209,7 +209,7 @@ def test_embedded_tokenizer_matches_the_original(tmp_path, tokenizer_dir):
 
 def test_cached_import_is_reused_and_gguf_paths_load(tmp_path, monkeypatch):
     from slm.gguf_import import cached_import
-    from slm.weights import load_model
+    from slm.load import load_model
 
     monkeypatch.setenv("SLM_CACHE", str(tmp_path / "cache"))
     path = write_gguf(tmp_path / "m.gguf", _hf_state())

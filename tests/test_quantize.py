@@ -48,14 +48,14 @@ def test_int8_linear_computes_x_times_dequantised_weight():
 
 @torch.inference_mode()
 def test_quantized_copy_shares_fp32_tensors_and_leaves_the_original_alone():
-    from slm.generate import generate
+    from slm.generate import Stop, generate
 
     model = _tiny(tie_embeddings=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     tokens = torch.randint(0, model.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1))
     ref = model(tokens)
     prompt = tokens[0].tolist()
-    a = generate(model, prompt, 8, stop_ids=[]).tokens  # sets up a cache: weights now in the decode layout
+    a = generate(model, prompt, 8, stop=Stop()).tokens  # sets up a cache and packs the weights (slm.pack)
     copy = quantized_copy(model)
     assert copy.tok_embeddings.weight.data_ptr() == model.tok_embeddings.weight.data_ptr()  # not copied
     assert copy.layers[0].attention_norm.weight.data_ptr() == model.layers[0].attention_norm.weight.data_ptr()
@@ -65,8 +65,8 @@ def test_quantized_copy_shares_fp32_tensors_and_leaves_the_original_alone():
     out = copy(tokens)
     assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
     # Both generate with their own KV caches, interleaved, and the fp32 model is unaffected.
-    generate(copy, prompt, 8, stop_ids=[])
-    assert generate(model, prompt, 8, stop_ids=[]).tokens == a
+    generate(copy, prompt, 8, stop=Stop())
+    assert generate(model, prompt, 8, stop=Stop()).tokens == a
 
 
 def test_cli_generate_quantize_int8(tiny_model_dir, capsys):
@@ -89,7 +89,7 @@ def test_int8_perplexity_within_1_percent_of_fp32_on_smollm2():
     from slm.assets import smollm2_gguf
     from slm.gguf_import import cached_import
     from slm.tokenizer import Tokenizer
-    from slm.weights import load_model
+    from slm.load import load_model
 
     model_dir = cached_import(smollm2_gguf())
     model = load_model(model_dir)
@@ -133,7 +133,7 @@ def test_draft_copy_int4_layers_int8_head_agrees_with_fp32_on_smollm2():
     from slm.gguf_import import cached_import
     from slm.quantize import Int4Linear, draft_copy
     from slm.tokenizer import Tokenizer
-    from slm.weights import load_model
+    from slm.load import load_model
 
     model_dir = cached_import(smollm2_gguf())
     model = load_model(model_dir)

@@ -47,7 +47,7 @@ def smollm2(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ours(smollm2):
-    from slm.weights import load_model
+    from slm.load import load_model
 
     return load_model(smollm2[0])
 

@@ -14,12 +14,12 @@ import torch
 from conftest import make_model_dir, make_tokenizer_dir, randomize
 from slm.config import get_config
 from slm.errors import SlmError
-from slm.generate import generate
+from slm.generate import Stop, generate
+from slm.load import load_draft
 from slm.model import Transformer
 from slm.sampling import SamplingParams
 from slm.speculative import (
-    AdaptiveK, HybridDraft, ModelDraft, NgramDraft, SlmLM, as_lm, load_draft, parse_draft_tokens,
-    speculative_generate,
+    HFLM, AdaptiveK, HybridDraft, ModelDraft, NgramDraft, Offer, Plan, Round, SlmLM, as_lm, parse_draft_tokens,
 )
 
 KS = [0, 1, 2, 3, 5, 8, "auto"]
@@ -60,45 +60,62 @@ def _prompts(n: int, seed: int = 0) -> list[list[int]]:
 def test_greedy_equals_target_greedy(target, drafts, kind):
     draft = drafts[kind]
     for prompt in _prompts(6):
-        ref = generate(target, prompt, 24, stop_ids=[]).tokens
+        ref = generate(target, prompt, 24, stop=Stop()).tokens
         for k in KS:
-            r = speculative_generate(target, draft, prompt, 24, draft_tokens=k, stop_ids=[])
+            r = generate(target, prompt, 24, draft=draft, draft_tokens=k, stop=Stop())
             assert r.tokens == ref, (kind, prompt, k)
             assert r.stop_reason == "length"
             s = r.stats
             if k == 0:  # the prefill gives the first token, each round one more
-                assert s["drafted_tokens"] == 0 and s["target_forwards"] == 23
-            if kind == "right" and s["drafted_tokens"]:
+                assert s["draft_n"] == 0 and s["rounds"] == 23
+            if kind == "right" and s["draft_n"]:
                 assert s["acceptance_rate"] == 1.0
             if kind == "wrong":
-                assert s["accepted_tokens"] == 0 and s["target_forwards"] == 23
-            assert s["target_forwards"] * s["tokens_per_target_forward"] == pytest.approx(23)
+                assert s["draft_n_accepted"] == 0 and s["rounds"] == 23
+            assert s["rounds"] * s["tokens_per_round"] == pytest.approx(23)
 
 
 def test_full_accept_rounds_and_counters(target):
-    r = speculative_generate(target, target, [5, 6, 7], 18, draft_tokens=4, stop_ids=[])
+    seen = []
+    r = generate(target, [5, 6, 7], 18, draft=target, draft_tokens=4, stop=Stop(),
+                 on_token=lambda t, from_draft: seen.append((t, from_draft)))
     # The prefill gives token 1; 3 rounds of 4 drafts + 1 target token; the last round may draft
     # only 1 (18 - 16 - 1).
-    assert r.stats["target_forwards"] == 4
-    assert r.stats["drafted_tokens"] == 4 + 4 + 4 + 1 and r.stats["accepted_tokens"] == 13
-    assert r.stats["mean_accepted"] == 13 / 4 and r.stats["tokens_per_target_forward"] == 17 / 4
+    assert [t for t, _ in seen] == r.tokens
+    assert [d for _, d in seen] == [False] + ([True] * 4 + [False]) * 3 + [True, False]
+    assert r.stats["accepted_per_pos"] == [4, 3, 3, 3]
+    assert r.stats["rounds"] == 4
+    assert r.stats["draft_n"] == 4 + 4 + 4 + 1 and r.stats["draft_n_accepted"] == 13
+    assert r.stats["mean_accepted"] == 13 / 4 and r.stats["tokens_per_round"] == 17 / 4
     assert r.stats["draft_forwards"] == 13  # one per drafted token: the cache catch-up rides along
 
 
 def test_stop_token_and_context_limit(target, drafts):
     prompt = [11, 12, 13]
-    ref = generate(target, prompt, 30, stop_ids=[]).tokens
+    ref = generate(target, prompt, 30, stop=Stop()).tokens
     stop = ref[9]
-    want = generate(target, prompt, 30, stop_ids=[stop])
+    want = generate(target, prompt, 30, stop=Stop((stop,)))
     for k in (3, "auto"):
-        r = speculative_generate(target, drafts["right"], prompt, 30, draft_tokens=k, stop_ids=[stop])
+        r = generate(target, prompt, 30, draft=drafts["right"], draft_tokens=k, stop=Stop((stop,)))
         assert r.tokens == want.tokens and r.stop_reason == "eos"
     long_prompt = list(range(3, 3 + 120))  # context 128: only 8 tokens fit
-    want = generate(target, long_prompt, 30, stop_ids=[])
-    r = speculative_generate(target, drafts["right"], long_prompt, 30, draft_tokens=5, stop_ids=[])
+    want = generate(target, long_prompt, 30, stop=Stop())
+    r = generate(target, long_prompt, 30, draft=drafts["right"], draft_tokens=5, stop=Stop())
     assert r.tokens == want.tokens and len(r.tokens) == 8 and r.stop_reason == "context"
-    r = speculative_generate(target, drafts["right"], [4], 5, draft_tokens=3, should_stop=lambda t: len(t) >= 2)
-    assert r.stop_reason == "stop" and len(r.tokens) == 2
+    two = generate(target, [4], 5, stop=Stop()).tokens[:2]
+    tok = _Spelled()
+    stop = Stop(strings=(tok.decode(two),), tokenizer=tok)  # the text of the first two tokens
+    r = generate(target, [4], 5, draft=drafts["right"], draft_tokens=3, stop=stop)
+    assert r.stop_reason == "stop" and r.tokens == two
+
+
+class _Spelled:
+    """A tokenizer for tests: id i decodes to "<i>"."""
+
+    eos_id = None
+
+    def decode(self, ids):
+        return "".join(f"<{i}>" for i in ids)
 
 
 def test_draft_vocabulary_prefix_of_targets(target):
@@ -109,12 +126,12 @@ def test_draft_vocabulary_prefix_of_targets(target):
             src = dict(target.named_parameters())[name]
             p.copy_(src[:200] if name in ("tok_embeddings.weight", "output.weight") else src)
     for prompt in _prompts(4, seed=1):
-        ref = generate(target, prompt, 16, stop_ids=[]).tokens
+        ref = generate(target, prompt, 16, stop=Stop()).tokens
         for draft in (small, same_as_target):
             for k in (2, "auto"):
-                assert speculative_generate(target, draft, prompt, 16, draft_tokens=k, stop_ids=[]).tokens == ref
+                assert generate(target, prompt, 16, draft=draft, draft_tokens=k, stop=Stop()).tokens == ref
     g = torch.Generator().manual_seed(0)
-    r = speculative_generate(target, small, [3, 4], 16, SamplingParams(temperature=1.0), draft_tokens=3, generator=g)
+    r = generate(target, [3, 4], 16, SamplingParams(temperature=1.0), draft=small, draft_tokens=3, generator=g)
     assert all(0 <= t < 256 for t in r.tokens)
 
 
@@ -124,21 +141,36 @@ def test_model_draft_feeds_missing_tokens(target):
     lm = SlmLM(target)
     forward = lm.forward
     lm.forward = lambda tokens, start, last_only=False: calls.append((len(tokens), start)) or forward(tokens, start, last_only)
-    speculative_generate(target, ModelDraft(lm, 256), [5, 6, 7], 11, draft_tokens=4, stop_ids=[])
+    generate(target, [5, 6, 7], 11, draft=ModelDraft(lm, 256), draft_tokens=4, stop=Stop())
     # the target's prefill gave token t1 (context of 4); round 1: the context at 0..3, then d1..d3
     # at 4..6; round 2 starts with d4 + the bonus token at 7, 8
     assert calls[:4] == [(4, 0), (1, 4), (1, 5), (1, 6)]
     assert calls[4] == (2, 7)
 
 
+def _lookup(d: NgramDraft, context: list[int], k: int) -> list[int]:
+    offers = d.offers(context)
+    return d.propose(context, Plan(offers[0], k), SamplingParams()).tokens if offers else []
+
+
 def test_ngram_draft_proposes_continuation():
     d = NgramDraft(max_ngram=3)
     ctx = [1, 2, 3, 4, 5, 9, 1, 2, 3]
-    assert d.propose(ctx, 3, SamplingParams()).tokens == [4, 5, 9]
-    d = NgramDraft()
-    assert d.propose([1, 2, 3], 3, SamplingParams()).tokens == []  # no earlier occurrence
-    d = NgramDraft()
-    assert d.propose([7, 1, 2, 8, 1, 2, 9, 1, 2], 2, SamplingParams()).tokens == [9, 1]  # latest match wins
+    assert d.offers(ctx)[0].evidence == 3
+    assert _lookup(d, ctx, 3) == [4, 5, 9]
+    assert _lookup(NgramDraft(), [1, 2, 3], 3) == []  # no earlier occurrence
+    assert _lookup(NgramDraft(), [7, 1, 2, 8, 1, 2, 9, 1, 2], 2) == [9, 1]  # latest match wins
+
+
+# --- the schedule, driven through its protocol: plan a round for an offer, then record it -------
+
+
+def _plan(s, evidence: int = 0, catchup: int = 0) -> Plan:
+    return s.plan([Offer(None, evidence, catchup)], cap=1 << 30)
+
+
+def _record(s, plan: Plan, accepted: int, step_s, verify_s: float, catchup_tokens: int = 0, catchup_s: float = 0.0):
+    s.record(Round(plan, plan.k, accepted, step_s, plan.k + 1, verify_s, catchup_tokens, catchup_s))
 
 
 def test_adaptive_k_backs_off_and_probes():
@@ -146,8 +178,9 @@ def test_adaptive_k_backs_off_and_probes():
     # A useless draft as costly as half a target step: K must fall to 0 (plain decoding) ...
     ks = []
     for _ in range(600):
-        k = s.next_k()
-        s.update(k, 0, 0.5 if k else None, k + 1, 1.0 + 0.05 * k)
+        p = _plan(s)
+        k = p.k
+        _record(s, p, 0, 0.5 if k else None, 1.0 + 0.05 * k)
         ks.append(k)
     assert ks[19] == 0 and s.k == 0
     # ... and probe with one token at growing intervals: a handful of probes in 580 rounds.
@@ -158,8 +191,8 @@ def test_adaptive_k_backs_off_and_probes():
     # A perfect, cheap draft: K grows large.
     s = AdaptiveK(k_start=2)
     for _ in range(30):
-        k = s.next_k()
-        s.update(k, k, 0.05, k + 1, 1.0 + 0.02 * k)
+        p = _plan(s)
+        _record(s, p, p.k, 0.05, 1.0 + 0.02 * p.k)
     assert s.k >= 10
 
 
@@ -174,13 +207,13 @@ def test_adaptive_k_budgets_probes_that_need_a_catch_up(catchup_s, probes):
     ks = []
     for r in range(600):
         context = r + 10
-        k = s.next_k(0, context - fed)
+        p = _plan(s, 0, context - fed)
+        k = p.k
         if k:
-            s.update(k, 0, 0.5, k + 1, 1.0 + 0.05 * k, 0, catchup_tokens=context - fed,
-                     catchup_s=catchup_s * (context - fed))
+            _record(s, p, 0, 0.5, 1.0 + 0.05 * k, catchup_tokens=context - fed, catchup_s=catchup_s * (context - fed))
             fed = context
         else:
-            s.update(0, 0, None, 1, 1.0)
+            _record(s, p, 0, None, 1.0)
         ks.append(k)
     assert ks[19] == 0 and s.k == 0
     n = sum(k > 0 for k in ks[20:])
@@ -196,9 +229,10 @@ def test_adaptive_k_models_bursty_drafts(hit_every, drafts):
     s = AdaptiveK(k_start=4)
     ks = []
     for r in range(200):
-        k = s.next_k()
+        p = _plan(s)
+        k = p.k
         hit = r % hit_every == 0
-        s.update(k, k if hit else 0, 0.0 if k else None, k + 1, 1.0 + 0.25 * k)
+        _record(s, p, k if hit else 0, 0.0 if k else None, 1.0 + 0.25 * k)
         ks.append(k)
     tail = ks[100:]
     assert (sum(k > 0 for k in tail) > 90) if drafts else (sum(k > 0 for k in tail) < 10)
@@ -212,7 +246,7 @@ def test_parse_draft_tokens():
 
 
 def test_load_draft_checks_vocabulary(tmp_path, tokenizer_dir, tiny_model_dir):
-    from slm.weights import load_model
+    from slm.load import load_model
 
     target = load_model(tiny_model_dir)
     draft_dir = make_model_dir(tmp_path / "draft", tokenizer_dir, seed=5, n_layers=1)
@@ -220,13 +254,11 @@ def test_load_draft_checks_vocabulary(tmp_path, tokenizer_dir, tiny_model_dir):
     assert isinstance(d, ModelDraft)
     assert isinstance(load_draft("ngram", target=target, target_dir=tiny_model_dir), NgramDraft)
     if importlib.util.find_spec("transformers"):  # the same directory through transformers
-        from slm.speculative.hf import HFLM
-
         hf = load_draft(f"hf:{draft_dir}", target=target, target_dir=tiny_model_dir)
         assert isinstance(hf.lm, HFLM)
         prompt = [5, 9, 14]
-        assert speculative_generate(target, hf, prompt, 10, draft_tokens=3, stop_ids=[]).tokens == \
-            generate(target, prompt, 10, stop_ids=[]).tokens
+        assert generate(target, prompt, 10, draft=hf, draft_tokens=3, stop=Stop()).tokens == \
+            generate(target, prompt, 10, stop=Stop()).tokens
     # A smaller tokenizer from the same BPE training is a prefix of the target's: accepted.
     prefix_tok = make_tokenizer_dir(tmp_path / "prefix_tok", vocab_size=300)
     prefix = make_model_dir(tmp_path / "prefix", prefix_tok, seed=5)
@@ -265,7 +297,7 @@ def test_cli_generate_with_draft(tmp_path, tokenizer_dir, tiny_model_dir, capsys
     for extra in (["--draft", str(draft_dir), "--draft-tokens", "3"], ["--draft", "ngram"]):
         spec = run(*extra)
         assert spec["tokens"] == plain["tokens"]
-        assert {"acceptance_rate", "mean_accepted", "target_forwards", "draft_forwards"} <= spec.keys()
+        assert {"acceptance_rate", "mean_accepted", "rounds", "draft_forwards"} <= spec.keys()
     assert main(["generate", str(tiny_model_dir), "--prompt", "x", "--draft", "ngram", "--draft-tokens", "-2"]) == 2
     assert "draft-tokens" in capsys.readouterr().err
 
@@ -292,11 +324,11 @@ def test_transformers_target_and_draft(hf_pair, target, drafts):
                                  eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
         for draft in (drafts["other"], hf_draft, hf_target, NgramDraft()):
             for k in (1, 4, "auto"):
-                r = speculative_generate(hf_target, draft, prompt, 12, draft_tokens=k, stop_ids=[])
+                r = generate(hf_target, prompt, 12, draft=draft, draft_tokens=k, stop=Stop())
                 assert r.tokens == ref, (type(draft).__name__, k)
         # a transformers draft in front of our target
-        assert speculative_generate(target, hf_draft, prompt, 12, draft_tokens=3, stop_ids=[]).tokens == \
-            generate(target, prompt, 12, stop_ids=[]).tokens
+        assert generate(target, prompt, 12, draft=hf_draft, draft_tokens=3, stop=Stop()).tokens == \
+            generate(target, prompt, 12, stop=Stop()).tokens
 
 
 # --- the real SmolLM2 target --------------------------------------------------------------------
@@ -307,7 +339,7 @@ def test_real_smollm2_greedy_equivalence():
     from slm.assets import smollm2_gguf
     from slm.gguf_import import cached_import
     from slm.tokenizer import Tokenizer
-    from slm.weights import load_model
+    from slm.load import load_model
 
     try:
         model_dir = cached_import(smollm2_gguf())
@@ -319,10 +351,10 @@ def test_real_smollm2_greedy_equivalence():
                tok.encode("<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n")]
     drafts = {name: load_draft(name, target, model_dir) for name in ("ngram", "int8", "auto")}
     for prompt in prompts:
-        ref = generate(target, prompt, 24, stop_ids=[]).tokens
+        ref = generate(target, prompt, 24, stop=Stop()).tokens
         for name, draft in drafts.items():
             for k in (3, "auto"):
-                r = speculative_generate(target, draft, prompt, 24, draft_tokens=k, stop_ids=[])
+                r = generate(target, prompt, 24, draft=draft, draft_tokens=k, stop=Stop())
                 assert r.tokens == ref, (name, k)
                 if name == "int8" and k == 3:  # the int8 copy agrees with its target most of the time
                     assert r.stats["acceptance_rate"] > 0.5, r.stats
@@ -331,12 +363,12 @@ def test_real_smollm2_greedy_equivalence():
 def test_auto_schedule_carries_over_between_generations(target, drafts):
     """A draft that never helps is learned once: the next prompt only probes it now and then."""
     draft = ModelDraft(as_lm(drafts["wrong"]), target.config.vocab_size)
-    first = speculative_generate(target, draft, [5, 6, 7], 40, draft_tokens="auto", stop_ids=[])
-    second = speculative_generate(target, draft, [8, 9, 10], 40, draft_tokens="auto", stop_ids=[])
-    assert first.stats["accepted_tokens"] == second.stats["accepted_tokens"] == 0
-    assert first.stats["drafted_tokens"] >= 2  # the first drafted round (K = k_start = 2) at least
-    assert second.stats["drafted_tokens"] < first.stats["drafted_tokens"]
-    assert second.tokens == generate(target, [8, 9, 10], 40, stop_ids=[]).tokens
+    first = generate(target, [5, 6, 7], 40, draft=draft, draft_tokens="auto", stop=Stop())
+    second = generate(target, [8, 9, 10], 40, draft=draft, draft_tokens="auto", stop=Stop())
+    assert first.stats["draft_n_accepted"] == second.stats["draft_n_accepted"] == 0
+    assert first.stats["draft_n"] >= 2  # the first drafted round (K = k_start = 2) at least
+    assert second.stats["draft_n"] < first.stats["draft_n"]
+    assert second.tokens == generate(target, [8, 9, 10], 40, stop=Stop()).tokens
 
 
 def test_self_draft_shares_the_target_cache(target):
@@ -351,12 +383,12 @@ def test_self_draft_shares_the_target_cache(target):
         forward = draft.lm.forward
         draft.lm.forward = lambda tokens, start, last_only=False: calls.append(len(tokens)) or forward(tokens, start, last_only)
         for prompt in _prompts(4, seed=3):
-            ref = generate(target, prompt, 20, stop_ids=[]).tokens
+            ref = generate(target, prompt, 20, stop=Stop()).tokens
             for k in (1, 3, "auto"):
-                assert speculative_generate(target, draft, prompt, 20, draft_tokens=k, stop_ids=[]).tokens == ref
+                assert generate(target, prompt, 20, draft=draft, draft_tokens=k, stop=Stop()).tokens == ref
         assert calls and set(calls) == {1}
     with pytest.raises(SlmError, match="another model"):
-        speculative_generate(_tiny(5), load_draft("int4", target=target), [3, 4, 5], 4)
+        generate(_tiny(5), [3, 4, 5], 4, draft=load_draft("int4", target=target))
 
 
 def test_adaptive_k_learns_per_evidence():
@@ -365,6 +397,7 @@ def test_adaptive_k_learns_per_evidence():
     s = AdaptiveK(k_start=4)
     for r in range(300):
         ev = 8 if r % 2 else 1
-        k = s.next_k(ev)
-        s.update(k, k if ev == 8 else 0, 1e-6 if k else None, k + 1, 1.0 + 0.05 * k, ev)
+        p = _plan(s, ev)
+        k = p.k
+        _record(s, p, k if ev == 8 else 0, 1e-6 if k else None, 1.0 + 0.05 * k)
     assert s.evidence[8].k >= 10 and s.evidence[1].k == 0

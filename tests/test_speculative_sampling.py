@@ -12,12 +12,13 @@ from conftest import randomize
 from slm.config import get_config
 from slm.model import Transformer
 from slm.sampling import SamplingParams, logits_to_probs
-from slm.speculative import NgramDraft, engine, speculative_generate
+from slm.generate import Stop, generate
+from slm.speculative import NgramDraft, verify
 
 V = 8  # a vocabulary small enough to enumerate every 2-token continuation
 PROMPT = [1, 5, 3]
 RUNS = 3000
-_exact = engine.rejection_sample  # the real one, kept before any monkeypatching
+_exact = verify.rejection_sample  # the real one, kept before any monkeypatching
 
 
 # Tiny models run fastest on one thread, and far more predictably on a shared machine.
@@ -66,12 +67,12 @@ def sample_runs(target, draft, sampling, draft_tokens, seed=0):
     c12, c3 = torch.zeros(V, V), torch.zeros(V)
     accepted = drafted = 0
     for _ in range(RUNS):
-        r = speculative_generate(target, draft, PROMPT, 3, sampling, draft_tokens=draft_tokens, stop_ids=[], generator=g)
+        r = generate(target, PROMPT, 3, sampling, draft=draft, draft_tokens=draft_tokens, stop=Stop(), generator=g)
         t1, t2, t3 = r.tokens
         c12[t1, t2] += 1
         c3[t3] += 1
-        accepted += r.stats["accepted_tokens"]
-        drafted += r.stats["drafted_tokens"]
+        accepted += r.stats["draft_n_accepted"]
+        drafted += r.stats["draft_n"]
     return c12, c3, accepted / max(drafted, 1)
 
 
@@ -115,6 +116,6 @@ def test_biased_samplers_fail_the_same_test(pair, monkeypatch, biased):
     target, draft = pair
     sampling = SamplingParams(temperature=1.0)
     joint12, p3 = exact_distributions(target, sampling)
-    monkeypatch.setattr(engine, "rejection_sample", biased)
+    monkeypatch.setattr(verify, "rejection_sample", biased)
     c12, c3, _ = sample_runs(target, draft, sampling, draft_tokens=2)
     assert min(chi2_pvalue(c12, joint12), chi2_pvalue(c3, p3)) < 1e-6

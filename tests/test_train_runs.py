@@ -163,7 +163,7 @@ def test_time_budget_stops_with_a_checkpoint(data_dir, tmp_path, capsys):
 
 def test_export_loads_in_transformers_with_the_same_logits(reference_run, tmp_path):
     transformers = pytest.importorskip("transformers")
-    from slm.weights import load_model
+    from slm.load import load_model
 
     out = tmp_path / "model"
     assert slm_in_process("export", str(reference_run), "--out", str(out)) == 0
@@ -291,3 +291,18 @@ def test_two_nodes_resume_a_one_process_run_and_checkpoint(data_dir, single_proc
     for step in one:
         assert two[step] == pytest.approx(one[step], abs=1e-5), f"step {step}"
     assert _val_losses(out) == pytest.approx(_val_losses(single_process_run), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_stop_together_at_the_time_budget(data_dir, tmp_path):
+    """The budget is decided by rank 0 at log steps and shared there: both ranks stop after the same
+    step (no collective in between to disagree on), with a checkpoint."""
+    from slm.train.checkpoint import latest_checkpoint
+
+    out = tmp_path / "run"
+    stdout = _check(torchrun("--standalone", "--nproc-per-node", "2", "-m", "slm", "train",
+                             *train_args(data_dir, out, **{"max-steps": 100000, "time-budget": 3, "log-every": 4,
+                                                           "eval-every": 0})))
+    summary = json.loads([line for line in stdout.splitlines() if line.strip()][0])
+    assert summary["stopped_by"] == "time_budget" and 0 < summary["step"] < 100000
+    assert latest_checkpoint(out).name == f"step_{summary['step']:08d}"

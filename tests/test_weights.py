@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from slm.config import ModelConfig, get_config
 from slm.errors import SlmError
-from slm.weights import hf_to_slm, load_model, read_config, save_model, slm_to_hf
+from slm.load import load_model
+from slm.weights import hf_to_slm, read_config, save_model, slm_to_hf
 
 
 def test_round_trip_is_exact(tiny_model_dir, tmp_path):

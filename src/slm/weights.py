@@ -2,7 +2,8 @@
 
 A model directory holds `config.json` (LlamaConfig fields), `model.safetensors` (or
 sharded `model-0000x-of-0000y.safetensors` + `model.safetensors.index.json`) with
-Hugging Face tensor names, and tokenizer files. slm's own module layout fuses q/k/v and
+Hugging Face tensor names, and tokenizer files. (`slm.load` resolves a model argument, a
+directory or a .gguf, and loads it.) slm's own module layout fuses q/k/v and
 gate/up (see `slm.model`); the mapping lives here and only here.
 """
 
@@ -173,30 +174,6 @@ def build_model(config: ModelConfig, slm_state: Mapping[str, torch.Tensor], devi
         model.output.weight = model.tok_embeddings.weight
     model.init_buffers("cpu")  # buffers are still on meta; the weights are real CPU tensors now
     return model.to(device).eval()
-
-
-def resolve_model_dir(path: str | os.PathLike) -> Path:
-    """A model directory for `path`: the directory itself, or for a .gguf file its imported copy
-    in the cache (imported once, reused while the file is unchanged)."""
-    path = Path(path)
-    if not path.exists():
-        raise SlmError(f"{path}: no such file or directory")
-    if path.is_dir():
-        return path
-    if path.suffix == ".gguf":
-        from slm.gguf_import import cached_import
-
-        return cached_import(path)
-    raise SlmError(f"{path}: expected a model directory (config.json + model.safetensors) or a .gguf file")
-
-
-def load_model(path: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.float32) -> Transformer:
-    """Load a model directory (or a .gguf file, through its cached import)."""
-    model_dir = resolve_model_dir(path)
-    config = read_config(model_dir)
-    hf_state = read_hf_state_dict(model_dir, dtype=dtype)
-    check_hf_state_dict(hf_state, config, str(model_dir))
-    return build_model(config, hf_to_slm(hf_state, config), device=device)
 
 
 # --- writing ---------------------------------------------------------------------------

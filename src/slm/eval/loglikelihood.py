@@ -15,7 +15,7 @@ the vocabulary projection + log-softmax run once per distinct scored position on
 sorted longest first (as lm_eval does) and split into batches with the least padding.
 
 The matrix products are the same kernels as lm_eval's (torch's default, MKL on CPU), so the
-log-likelihoods agree to ~1e-5. oneDNN's prepacked weights (`Transformer.pack_for_inference_`)
+log-likelihoods agree to ~1e-5. oneDNN's prepacked weights (`slm.pack`)
 would make them ~2x faster, but their rounding moved 130-token PIQA sums by up to 2e-4.
 """
 

@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 
 from slm.errors import SlmError
 from slm.eval.data import load_documents
+from slm.eval.loglikelihood import RequestEncoder, loglikelihoods
 from slm.eval.metrics import aggregate
 from slm.eval.tasks import FieldError, Item, get_task, score_item
+from slm.load import load_model
 
 
 @dataclass
@@ -56,16 +58,12 @@ def evaluate(
 
     `model` and `encoder` (a `RequestEncoder`): already loaded from `model_dir`, for callers that
     evaluate several times (as lm_eval's model object keeps its weights and tokenizer)."""
-    from slm.eval.loglikelihood import RequestEncoder, loglikelihoods
-
     if batch_size < 1:
         raise SlmError(f"--batch-size must be >= 1, got {batch_size}")
     if not os.path.isdir(model_dir):  # the tokenizer files must be beside the weights
         raise SlmError(f"{model_dir}: not a model directory (for a .gguf file, run `slm import FILE --out DIR` first)")
     task_items = {name: build_items(name, data_dir, limit) for name in tasks}  # fail on missing data first
     if model is None:
-        from slm.weights import load_model
-
         model = load_model(model_dir)
     if encoder is None:
         encoder = RequestEncoder.for_model_dir(model_dir)

@@ -1,25 +1,24 @@
 """Draft sources: a smaller model (slm or transformers), or prompt lookup (n-gram matching).
 
-A draft proposes up to k tokens after the context, together with the distribution q it drew
-each one from (None for a deterministic proposal: q is then the one-hot of the token, which
-rejection sampling handles exactly). Distributions are over the target's vocabulary: a draft
+Each round a draft first says what it could propose (`offers`: evidence and catch-up cost, see
+`slm.speculative.schedule`), then proposes as many tokens as the schedule's plan says, together
+with the distribution q it drew each one from (None for a deterministic proposal: q is then the
+one-hot of the token, which rejection sampling handles exactly). Distributions are over the target's vocabulary: a draft
 whose vocabulary is a prefix of the target's gives the missing ids probability 0.
 """
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from slm.errors import SlmError
 from slm.sampling import SamplingParams, logits_to_probs, sample
-from slm.speculative.lm import CachedLM, as_lm
+from slm.speculative.lm import CachedLM, SlmLM, as_lm
+from slm.speculative.schedule import AdaptiveK, Offer, Plan
 
 
 @dataclass
@@ -30,32 +29,23 @@ class Proposal:
     # Seconds per proposed token in steady state (a catch-up forward over many tokens excluded,
     # so that one long catch-up does not make the draft look slow); None: not measured.
     step_seconds: float | None = None
-    # How promising the proposal looked before its length was chosen (prompt lookup: the length
-    # of the matched n-gram; a model draft: 0). AdaptiveK learns acceptance per value.
-    evidence: int = 0
     # A draft with its own KV cache first feeds it what the context gained since it last ran
     # (its prefill, or the tokens of rounds it sat out): how many tokens, and the seconds spent.
     catchup_tokens: int = 0
     catchup_seconds: float = 0.0
 
 
-# A round's draft length: a number, or a function of the proposal's evidence and of how many
-# tokens the draft must catch up on first (AdaptiveK's choice, made once the draft knows how
-# promising its proposal is and what it would cost, before it spends anything).
-DraftLength = int | Callable[[int, int], int]
-
-
-def _length(k: DraftLength, evidence: int, catchup: int = 0) -> int:
-    return k(evidence, catchup) if callable(k) else k
+NOTHING = Proposal([], None)
 
 
 class Draft:
     """Interface of a draft source."""
 
-    # The adaptive schedule of `draft_tokens="auto"`, kept with the draft so that what it learned
-    # about this draft's acceptance and cost carries over from one generation to the next (a
-    # useless draft is then only probed, not re-tried at full K at the start of every prompt).
-    schedule = None
+    def __init__(self):
+        # The adaptive schedule of `draft_tokens="auto"`, kept with the draft so that what it learned
+        # about this draft's acceptance and cost carries over from one generation to the next (a
+        # useless draft is then only probed, not re-tried at full K at the start of every prompt).
+        self.auto_schedule = AdaptiveK()
 
     def reset(self, length: int) -> None:
         """Start a new sequence of up to `length` tokens."""
@@ -67,9 +57,12 @@ class Draft:
     def check_target(self, target) -> None:
         """Raise SlmError if this draft cannot serve `target` (a CachedLM)."""
 
-    def propose(self, context: list[int], k: DraftLength, sampling: SamplingParams, generator=None) -> Proposal:
-        """Up to k tokens to follow `context` (k: a number, or a function of the evidence and of
-        the tokens this draft must catch up on first)."""
+    def offers(self, context: list[int]) -> list[Offer]:
+        """What this draft could propose after `context`, best first, without spending anything."""
+        raise NotImplementedError
+
+    def propose(self, context: list[int], plan: Plan, sampling: SamplingParams, generator=None) -> Proposal:
+        """plan.k tokens (plan.k > 0) to follow `context`, for plan.offer (one of this draft's offers)."""
         raise NotImplementedError
 
 
@@ -84,6 +77,7 @@ class ModelDraft(Draft):
     """
 
     def __init__(self, lm: CachedLM, target_vocab: int):
+        super().__init__()
         self.lm = lm
         self.target_vocab = target_vocab
         self.width = min(lm.vocab_size, target_vocab)  # draft logits beyond the target's vocabulary are dropped
@@ -117,14 +111,15 @@ class ModelDraft(Draft):
         q = logits_to_probs(logits, sampling)  # (width,)
         return int(sample(q, generator)), F.pad(q, (0, self.target_vocab - self.width))  # (V_target,)
 
-    def propose(self, context: list[int], k: DraftLength, sampling: SamplingParams, generator=None) -> Proposal:
-        n = len(context)
+    def offers(self, context: list[int]) -> list[Offer]:
+        # Steady state feeds 1 token (2 after a full accept); more is a catch-up.
+        behind = len(context) - self._valid_prefix(context)
+        return [Offer(self, catchup=0 if behind <= 2 else behind)]
+
+    def propose(self, context: list[int], plan: Plan, sampling: SamplingParams, generator=None) -> Proposal:
+        n, k = len(context), plan.k
         valid = self._valid_prefix(context)
-        steady = n - valid <= 2  # steady state feeds 1 token (2 after a full accept); more is a catch-up
-        catchup = 0 if steady else n - valid
-        k = _length(k, 0, catchup)
-        if k <= 0:
-            return Proposal([], None)
+        steady = n - valid <= 2
         t0 = time.perf_counter()
         logits = self.lm.forward(self._embeddable(context[valid:]), valid, last_only=True)[-1]
         t1 = time.perf_counter()
@@ -141,7 +136,7 @@ class ModelDraft(Draft):
         self.fed = context + tokens[:-1]
         self.base = n
         return Proposal(tokens, None if sampling.greedy else torch.stack(probs), forwards=k, step_seconds=step_s,
-                        catchup_tokens=catchup, catchup_seconds=0.0 if steady else t1 - t0)
+                        catchup_tokens=0 if steady else n - valid, catchup_seconds=0.0 if steady else t1 - t0)
 
 
 class SelfDraft(ModelDraft):
@@ -155,13 +150,11 @@ class SelfDraft(ModelDraft):
     feeds just the pending token, then its own proposals."""
 
     def __init__(self, draft_model, target_model):
-        from slm.speculative.lm import SlmLM
-
         super().__init__(SlmLM(draft_model), target_model.config.vocab_size)
         self.target_model = target_model
 
     def reset(self, length: int) -> None:
-        # The target's cache must already hold `length` positions (the engine prepares it first).
+        # The target's cache must already hold `length` positions (generate prepares it first).
         target, draft = self.target_model, self.lm.model
         if target.cache_len < length:
             raise RuntimeError(f"the target's KV cache holds {target.cache_len} positions, {length} needed")
@@ -186,6 +179,7 @@ class NgramDraft(Draft):
     8-token one ~95%, so `AdaptiveK` drafts little after a short match and long after a long one."""
 
     def __init__(self, max_ngram: int = 8, min_ngram: int = 1):
+        super().__init__()
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.reset(0)
 
@@ -200,16 +194,19 @@ class NgramDraft(Draft):
                 self.index[tuple(context[e - n : e])] = e
         self.indexed = max(self.indexed, end)
 
-    def propose(self, context: list[int], k: DraftLength, sampling: SamplingParams, generator=None) -> Proposal:
-        t0, n = time.perf_counter(), len(context)
+    def offers(self, context: list[int]) -> list[Offer]:
+        n = len(context)
         self._index_upto(context, n - 1)  # everything but the suffix ending at n itself
         for size in range(min(self.max_ngram, n), self.min_ngram - 1, -1):
             end = self.index.get(tuple(context[n - size :]))
             if end is not None:
-                tokens = context[end : end + max(_length(k, size), 0)]
-                step_s = (time.perf_counter() - t0) / max(len(tokens), 1)
-                return Proposal(tokens, None, step_seconds=step_s, evidence=size)
-        return Proposal([], None)
+                return [Offer(self, evidence=size, start=end)]
+        return []
+
+    def propose(self, context: list[int], plan: Plan, sampling: SamplingParams, generator=None) -> Proposal:
+        t0, start = time.perf_counter(), plan.offer.start
+        tokens = context[start : start + plan.k]
+        return Proposal(tokens, None, step_seconds=(time.perf_counter() - t0) / max(len(tokens), 1))
 
 
 class HybridDraft(Draft):
@@ -221,6 +218,7 @@ class HybridDraft(Draft):
     rounds: its next proposal feeds whatever the context gained meanwhile."""
 
     def __init__(self, lookup: NgramDraft, model: ModelDraft):
+        super().__init__()
         self.lookup, self.model = lookup, model
 
     def reset(self, length: int) -> None:
@@ -233,94 +231,11 @@ class HybridDraft(Draft):
     def max_tokens(self, context_len: int) -> int:
         return self.model.max_tokens(context_len)
 
-    def propose(self, context: list[int], k: DraftLength, sampling: SamplingParams, generator=None) -> Proposal:
-        found = self.lookup.propose(context, k, sampling, generator)
-        if found.tokens:
-            return found
-        return self.model.propose(context, k, sampling, generator)
+    def offers(self, context: list[int]) -> list[Offer]:
+        return self.lookup.offers(context) + self.model.offers(context)  # lookup first: it costs nothing
 
-
-# --- vocabularies ------------------------------------------------------------------------
-
-
-def check_same_vocabulary(target_tok, draft_tok, target_name: str, draft_name: str) -> None:
-    """Refuse a draft whose tokenizer disagrees with the target's on any shared id.
-
-    A draft vocabulary that is a prefix of the target's (or the other way round) is fine: only
-    the ids both have are compared, string for string."""
-    shared = min(target_tok.vocab_size, draft_tok.vocab_size)
-    for i in range(shared):
-        a, b = target_tok.id_to_token(i), draft_tok.id_to_token(i)
-        if a != b:
-            raise SlmError(
-                f"draft {draft_name}: its tokenizer differs from the target's ({target_name}) at id {i}: "
-                f"{b!r} vs {a!r}; speculative decoding needs a shared vocabulary"
-            )
-
-
-def _tokenizer(path: Path, what: str):
-    from slm.tokenizer import Tokenizer
-
-    if not ((path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()):
-        raise SlmError(f"{what} {path}: no tokenizer files, so it cannot be checked to share the target's vocabulary")
-    return Tokenizer.load(path)
-
-
-def _self_draft(target, spec: str):
-    """The target's own quantized copy: "int8" (int8 everywhere) or "int4" (slm.quantize.draft_copy)."""
-    from slm.model import Transformer
-
-    if not isinstance(target, Transformer):
-        raise SlmError(f"draft {spec!r} uses the target's own quantized copy, which needs an slm target model")
-    from slm.quantize import draft_copy, quantized_copy
-
-    return quantized_copy(target) if spec == "int8" else draft_copy(target)
-
-
-def load_draft(spec: str, target, target_dir: str | os.PathLike | None = None) -> Draft:
-    """Resolve a `--draft` value against the (already loaded) target.
-
-    "ngram": prompt lookup. "int8": the target's own int8 weight-only copy (slm.quantize).
-    "int4": its copy with int4 decoder layers and an int8 lm_head (`slm.quantize.draft_copy`:
-    cheaper than int8, nearly as often right). "auto": prompt lookup where a 2+-token n-gram
-    matches, else the int4 copy (`HybridDraft`).
-    "hf:DIR" or a transformers directory that slm cannot load: a transformers draft.
-    Otherwise an slm model directory or .gguf file. Model drafts must share the target's tokenizer.
-    """
-    target_lm = as_lm(target)
-    if spec == "ngram":
-        return NgramDraft()
-    if spec in ("int8", "int4", "auto"):
-        model_draft = SelfDraft(_self_draft(target, "int4" if spec == "auto" else spec), target)
-        return HybridDraft(NgramDraft(min_ngram=2), model_draft) if spec == "auto" else model_draft
-
-    force_hf = spec.startswith("hf:")
-    path = Path(spec[3:] if force_hf else spec)
-    if not path.exists():
-        raise SlmError(
-            f"draft {path}: no such file or directory (expected a model directory, a .gguf, 'ngram', 'int8', 'int4' or 'auto')"
-        )
-    if not force_hf:
-        from slm.weights import read_config, resolve_model_dir
-
-        path = resolve_model_dir(path)  # a .gguf becomes its imported model directory
-        try:
-            read_config(path)
-        except SlmError:
-            if not (path / "config.json").is_file():
-                raise
-            force_hf = True  # not a LLaMA-architecture config: transformers may still run it
-    if target_dir is not None:  # before loading any weights
-        check_same_vocabulary(
-            _tokenizer(Path(target_dir), "target"), _tokenizer(path, "draft"), str(target_dir), str(path)
-        )
-    if force_hf:
-        from slm.speculative.hf import load_hf_lm
-
-        return ModelDraft(load_hf_lm(path), target_lm.vocab_size)
-    from slm.weights import load_model
-
-    return ModelDraft(as_lm(load_model(path)), target_lm.vocab_size)
+    def propose(self, context: list[int], plan: Plan, sampling: SamplingParams, generator=None) -> Proposal:
+        return plan.offer.draft.propose(context, plan, sampling, generator)
 
 
 def as_draft(draft, target_vocab: int) -> Draft:

@@ -1,4 +1,11 @@
-"""How many tokens to draft each round: a constant K, or `AdaptiveK`.
+"""How many tokens to draft each round: a constant K, or `AdaptiveK`; and the speedup formula.
+
+The protocol, once per round (`slm.generate` runs it; nothing else decides K):
+1. the draft states what it could propose, without spending anything: `Draft.offers(context)`,
+   a list of `Offer`s in its order of preference, each with its evidence and its catch-up cost;
+2. the schedule decides: `plan(offers, cap)` -> `Plan` (which offer, K, whether it is a probe);
+3. the draft proposes `plan.k` tokens for `plan.offer` (`Draft.propose`);
+4. the target verifies, and the schedule records the round: `record(Round)`.
 
 AdaptiveK picks the K that maximises expected tokens per second under the standard model of
 speculative decoding (Leviathan et al.), with two refinements:
@@ -9,7 +16,7 @@ speculative decoding (Leviathan et al.), with two refinements:
   tokens then yields 1 + a1 (1 - a^K) / (1 - a) tokens (with a1 = a, the usual
   (1 - a^(K+1)) / (1 - a)) and costs K draft steps plus one verify over K+1 tokens.
 - Evidence: a draft may say how good a proposal is likely to be before the round's K is chosen
-  (`Proposal.evidence`: for prompt lookup, the length of the matched n-gram; a match of 1 token
+  (`Offer.evidence`: for prompt lookup, the length of the matched n-gram; a match of 1 token
   is right ~15% of the time on HumanEval, one of 8+ tokens ~95%). Acceptance and draft cost
   are learned per evidence value, so a weak match drafts little or nothing and a strong one
   drafts long. A model draft has one evidence value (0): one set of statistics.
@@ -31,16 +38,109 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from slm.errors import SlmError
+
+
+def expected_tokens(k: int, a: float, a1: float | None = None) -> float:
+    """Tokens a round yields when it drafts k tokens: the accepted ones plus the target's own.
+    a1: acceptance of a round's first proposal, a: of each later one given the previous (a1 = a:
+    Leviathan et al.'s (1 - a^(k+1)) / (1 - a))."""
+    a1 = a if a1 is None else a1
+    if a >= 1.0:
+        return 1.0 + a1 * k
+    return 1.0 + a1 * (1.0 - a**k) / (1.0 - a)
+
+
+def predicted_speedup(a: float, k: int, c: float, v: float = 1.0, a1: float | None = None) -> float:
+    """Expected speedup over plain decoding (Leviathan et al.): tokens per round / cost of a round in
+    decode steps. c: a draft token's cost in target decode steps; v: the verify forward's (1 in the paper)."""
+    return expected_tokens(k, a, a1) / (k * c + v)
+
+
+def break_even_acceptance(k: int, c: float, v: float = 1.0) -> float | None:
+    """The acceptance at which drafting k tokens starts to pay (predicted speedup 1), if any."""
+    hi = 0.999999
+    if k <= 0 or predicted_speedup(hi, k, c, v) < 1:
+        return None
+    lo = 0.0
+    for _ in range(60):  # bisection: the speedup grows with the acceptance
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if predicted_speedup(mid, k, c, v) < 1 else (lo, mid)
+    return hi
+
+
+def parse_draft_tokens(value: str) -> int | str:
+    """`--draft-tokens`: a non-negative integer K, or "auto"."""
+    if value == "auto":
+        return "auto"
+    try:
+        k = int(value)
+    except ValueError:
+        k = -1
+    if k < 0:
+        raise SlmError(f"--draft-tokens must be a non-negative integer or 'auto', got {value!r}")
+    return k
+
+
+def check_draft_tokens(draft_tokens) -> None:
+    if draft_tokens != "auto" and not (isinstance(draft_tokens, int) and draft_tokens >= 0):
+        raise SlmError(f"draft_tokens must be a non-negative integer or 'auto', got {draft_tokens!r}")
+
+
+# --- the protocol ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Offer:
+    """What a draft could propose this round, stated before it spends anything."""
+
+    draft: object  # the Draft that would propose (a HybridDraft offers for its lookup and its model)
+    # How promising the proposal looks (prompt lookup: the matched n-gram's length; a model draft: 0).
+    evidence: int = 0
+    # Tokens the draft must feed its own KV cache before proposing (its prefill, or the rounds it sat
+    # out): a probe that needs a catch-up costs that forward.
+    catchup: int = 0
+    start: int = 0  # where a lookup's continuation starts in the context (prompt lookup only)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The schedule's decision for a round: draft k tokens from `offer` (k = 0: plain decoding)."""
+
+    offer: Offer | None = None
+    k: int = 0
+    probe: bool = False  # a K = 1 try of an evidence value the schedule had backed off from
+
+
+NO_DRAFT = Plan()
+
+
+@dataclass(frozen=True)
+class Round:
+    """What one round did, for the schedule to learn from."""
+
+    plan: Plan
+    drafted: int  # tokens proposed
+    accepted: int  # of which the target kept this many
+    step_s: float | None  # seconds per proposed token in steady state (None: not measured)
+    verify_tokens: int  # tokens the target's forward scored (drafted + 1)
+    verify_s: float
+    catchup_tokens: int = 0  # what the draft fed its cache first, and the seconds that took
+    catchup_s: float = 0.0
+
 
 class FixedK:
+    """A constant K: always the draft's first offer."""
+
     def __init__(self, k: int):
         self.k = k
 
-    def next_k(self, evidence: int = 0, catchup: int = 0) -> int:
-        return self.k
+    def plan(self, offers: list[Offer], cap: int) -> Plan:
+        if not offers or self.k <= 0 or cap <= 0:
+            return NO_DRAFT
+        return Plan(offers[0], min(self.k, cap))
 
-    def update(self, drafted: int, accepted: int, step_s: float | None, verify_tokens: int, verify_s: float,
-               evidence: int = 0, *, catchup_tokens: int = 0, catchup_s: float = 0.0) -> None:
+    def record(self, round: Round) -> None:
         pass
 
 
@@ -82,7 +182,6 @@ class AdaptiveK:
     catchup_tokens: int = 0  # tokens the draft was fed to catch up, and the seconds that took
     catchup_s: float = 0.0
     probe_s: float = 0.0  # catch-up seconds spent by probes
-    _probing: bool = field(default=False, init=False, repr=False)  # the K just handed out is a probe
 
     def _stats(self, evidence: int) -> _Evidence:
         if evidence not in self.evidence:
@@ -108,8 +207,7 @@ class AdaptiveK:
         a = min(max(a, a1), 0.999)
         best_k, best_rate = 0, self.min_gain / self._verify_cost(1)
         for k in range(1, self.k_max + 1):
-            tokens = 1.0 + a1 * (1.0 - a**k) / (1.0 - a)
-            rate = tokens / (k * st.draft_s + self._verify_cost(k + 1))
+            rate = expected_tokens(k, a, a1) / (k * st.draft_s + self._verify_cost(k + 1))
             if rate > best_rate:
                 best_k, best_rate = k, rate
         return best_k
@@ -120,42 +218,48 @@ class AdaptiveK:
         cost = catchup * self.catchup_s / self.catchup_tokens
         return self.probe_s + cost <= self.probe_budget * self.decode_s
 
-    def next_k(self, evidence: int = 0, catchup: int = 0) -> int:
-        """K for the next round, given the proposal's evidence and the tokens the draft would
-        have to catch up on before proposing."""
-        self._probing = False
+    def plan(self, offers: list[Offer], cap: int) -> Plan:
+        """The first offer (in the draft's order of preference) whose evidence calls for drafting,
+        and its K, capped at `cap`; no offer drafts: K = 0."""
+        if cap <= 0:
+            return NO_DRAFT
+        for offer in offers:
+            k, probe = self._decide(offer)
+            if k > 0:
+                return Plan(offer, min(k, cap), probe)
+        return NO_DRAFT
+
+    def _decide(self, offer: Offer) -> tuple[int, bool]:
+        """(K, probe) for an offer, given its evidence and the tokens it would catch up on first."""
         if 1 not in self.verify_s:  # first measure a plain decode step: the baseline every K is judged by
-            return 0
-        st = self._stats(evidence)
+            return 0, False
+        st = self._stats(offer.evidence)
         if st.k == 0:
             st.idle_rounds += 1
-            if st.idle_rounds >= st.probe_every and self._probe_affordable(catchup):
+            if st.idle_rounds >= st.probe_every and self._probe_affordable(offer.catchup):
                 st.idle_rounds = 0
                 st.probe_every = min(2 * st.probe_every, self.probe_max)
-                self._probing = True
-                return 1
-        return st.k
+                return 1, True
+        return st.k, False
 
-    def update(self, drafted: int, accepted: int, step_s: float | None, verify_tokens: int, verify_s: float,
-               evidence: int = 0, *, catchup_tokens: int = 0, catchup_s: float = 0.0) -> None:
-        """One round: `drafted` proposals (of this evidence) of which `accepted` were kept; step_s
-        seconds per draft token (None: not measured); one target forward over verify_tokens took
-        verify_s; before proposing, the draft caught up on catchup_tokens tokens in catchup_s seconds."""
+    def record(self, round: Round) -> None:
+        """Learn from one round: the verify forward's cost, the draft's catch-up and step cost, and
+        how many of its proposals (of the planned offer's evidence) the target kept."""
         d = self.decay
         ema = lambda old, new: new if old is None else d * old + (1 - d) * new  # noqa: E731
-        self.verify_s[verify_tokens] = ema(self.verify_s.get(verify_tokens), verify_s)
-        self.decode_s += verify_s
-        if catchup_tokens:
-            self.catchup_tokens += catchup_tokens
-            self.catchup_s += catchup_s
-            if self._probing:
-                self.probe_s += catchup_s
-        self._probing = False
+        self.verify_s[round.verify_tokens] = ema(self.verify_s.get(round.verify_tokens), round.verify_s)
+        self.decode_s += round.verify_s
+        if round.catchup_tokens:
+            self.catchup_tokens += round.catchup_tokens
+            self.catchup_s += round.catchup_s
+            if round.plan.probe:
+                self.probe_s += round.catchup_s
+        drafted, accepted = round.drafted, round.accepted
         if not drafted:
             return
-        st = self._stats(evidence)
-        if step_s is not None:
-            st.draft_s = ema(st.draft_s, step_s)
+        st = self._stats(round.plan.offer.evidence)
+        if round.step_s is not None:
+            st.draft_s = ema(st.draft_s, round.step_s)
         st.first_successes = d * st.first_successes + (accepted > 0)
         st.first_trials = d * st.first_trials + 1
         if accepted > 0 and drafted > 1:  # later proposals: accepted - 1 successes, then a failure unless all
@@ -166,3 +270,10 @@ class AdaptiveK:
         st.k = self._best_k(st)
         if st.k > 0:
             st.probe_every = self.probe_min
+
+
+def schedule_for(draft, draft_tokens: int | str):
+    """The schedule of a generation: FixedK, or for "auto" the draft's own AdaptiveK (kept with the
+    draft, so what it learned about this draft carries over from one generation to the next)."""
+    check_draft_tokens(draft_tokens)
+    return draft.auto_schedule if draft_tokens == "auto" else FixedK(draft_tokens)

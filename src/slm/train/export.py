@@ -6,8 +6,10 @@ import os
 from pathlib import Path
 
 from slm.config import ModelConfig
+from slm.paths import file_sha256
 from slm.errors import SlmError
 from slm.train import checkpoint as ckpt
+from slm.weights import build_model, check_out_dir, save_model
 
 
 def export(path: str | os.PathLike, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None) -> Path:
@@ -16,9 +18,6 @@ def export(path: str | os.PathLike, out_dir: str | os.PathLike, tokenizer_dir: s
     The tokenizer comes from `tokenizer_dir`, else the copy the run keeps in RUN_DIR/tokenizer,
     and must be the one the checkpoint was trained with (sha256 of its tokenizer file).
     """
-    from slm.paths import file_sha256
-    from slm.weights import build_model, check_out_dir, save_model
-
     check_out_dir(out_dir)
     c = ckpt.resolve_checkpoint(path)
     state = ckpt.read_state(c)

@@ -28,15 +28,19 @@ import torch
 
 from slm.atomic import write_text
 from slm.config import ModelConfig, get_config
+from slm.data.loader import DataLoader, PackedDataset, iterate_eval, read_manifest
+from slm.paths import file_sha256
 from slm.errors import SlmError
+from slm.load import load_model
 from slm.train import checkpoint as ckpt
 from slm.train.loss import LanguageModel
 from slm.train.metrics import MetricsLog, flops_per_token, peak_flops, read_metrics
 from slm.train.parallel import (
     DistInfo, all_gather_objects, all_reduce_max, all_reduce_sum, barrier, init_distributed, no_grad_sync,
-    parallelize, shutdown_distributed,
+    parallelize, pick_device, shutdown_distributed,
 )
 from slm.train.recipes import RESUMABLE_CHANGES, TrainConfig, grad_accum_steps, lr_at, save_config
+from slm.weights import copy_tokenizer_files, read_config
 
 CONFIG_FILE = "train_config.json"
 TOKENIZER_DIR = "tokenizer"
@@ -59,8 +63,6 @@ class TrainResult:
 
 def model_config_for(cfg: TrainConfig) -> ModelConfig:
     if cfg.init_from:
-        from slm.weights import read_config
-
         mc = read_config(cfg.init_from)
         if cfg.model is not None:
             named = get_config(cfg.model)
@@ -77,8 +79,6 @@ def build_training_model(mc: ModelConfig, cfg: TrainConfig) -> LanguageModel:
     """A LanguageModel on CPU: AMD init from the seed, or the weights of --init-from."""
     model = LanguageModel(mc)
     if cfg.init_from:
-        from slm.weights import load_model
-
         model.load_state_dict(load_model(cfg.init_from).state_dict(), strict=True)
     else:
         model.init_weights(torch.Generator().manual_seed(cfg.seed))
@@ -102,9 +102,15 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     return None
 
 
-def data_checks(cfg: TrainConfig, mc: ModelConfig) -> dict:
-    from slm.data.loader import read_manifest
+def autocast(cfg: TrainConfig, device: torch.device):
+    """A factory of the forward's autocast context (a no-op context in fp32)."""
+    dtype = autocast_dtype(cfg, device)
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
 
+
+def data_checks(cfg: TrainConfig, mc: ModelConfig) -> dict:
     manifest = read_manifest(cfg.data)
     if cfg.seq_len is not None and cfg.seq_len != manifest["seq_len"]:
         raise SlmError(
@@ -115,8 +121,6 @@ def data_checks(cfg: TrainConfig, mc: ModelConfig) -> dict:
         raise SlmError(f"{cfg.data}: seq_len {manifest['seq_len']} exceeds model max_seq_len {mc.max_seq_len}")
     tok = manifest.get("tokenizer", {})
     if cfg.init_from and tok.get("path"):  # continuing a model on data it cannot read would be silent garbage
-        from slm.paths import file_sha256
-
         mine = Path(cfg.init_from) / Path(tok["path"]).name
         if mine.is_file() and file_sha256(mine) != tok.get("sha256"):
             raise SlmError(f"{cfg.data} was tokenized with another tokenizer than {mine}")
@@ -128,8 +132,6 @@ def data_checks(cfg: TrainConfig, mc: ModelConfig) -> dict:
 
 def copy_run_tokenizer(manifest: dict, run_dir: Path) -> None:
     """Keep the data's tokenizer in the run directory, so export never depends on where the data was."""
-    from slm.weights import copy_tokenizer_files
-
     src = manifest.get("tokenizer", {}).get("path")
     if not src or not Path(src).exists():
         return
@@ -241,8 +243,6 @@ def evaluate(engine, cfg: TrainConfig, info: DistInfo, amp) -> tuple[float, floa
 
     The same batches whatever the world size: global batch j is on rank j % world_size.
     """
-    from slm.data.loader import PackedDataset, iterate_eval
-
     n_windows = len(PackedDataset(cfg.data, "val"))
     if n_windows == 0:
         return None
@@ -273,7 +273,8 @@ def evaluate(engine, cfg: TrainConfig, info: DistInfo, amp) -> tuple[float, floa
 
 
 def train_step(engine, model, optimizer, loader, lr: float, accum: int, cfg: TrainConfig, info: DistInfo, amp):
-    """One optimizer step over `accum` micro-batches; returns (this rank's mean loss, global grad norm)."""
+    """One optimizer step over `accum` micro-batches -> (this rank's mean loss, global grad norm) as
+    0-d device tensors: reading them waits for the device, so the loop reads them at log steps only."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)
@@ -291,7 +292,27 @@ def train_step(engine, model, optimizer, loader, lr: float, accum: int, cfg: Tra
         grad_norm = grad_norm.full_tensor()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(loss_sum), float(grad_norm)
+    return loss_sum, grad_norm
+
+
+def steps_in_budget(cfg: TrainConfig, seconds: float, timed_steps: int = 4) -> int:
+    """How many optimizer steps of `cfg` fit in `seconds` on this machine (one process), from a few
+    timed steps of the model, optimizer and batches `train` builds for it: so that a run's LR
+    schedule (warm-up, cosine) can be set to end when its time budget does."""
+    info = DistInfo(device=pick_device(cfg.device))
+    model = build_training_model(model_config_for(cfg), cfg).to(info.device)
+    optimizer = build_optimizer(model, cfg, info.device)
+    loader = DataLoader(cfg.data, "train", batch_size=cfg.batch_size, seed=cfg.seed)
+    amp, accum, times = autocast(cfg, info.device), grad_accum_steps(cfg, 1), []
+    for _ in range(timed_steps):
+        t0 = time.perf_counter()
+        loss, _ = train_step(model, model, optimizer, loader, lr_at(cfg, 0), accum, cfg, info, amp)
+        float(loss)  # wait for the device
+        times.append(time.perf_counter() - t0)
+    # The fastest step after the first: the loop's steady state is faster than these first steps (a
+    # median made the demo's first run stop at 70% of its budget). If this overestimates the steps,
+    # the time budget still stops training, a little before the cosine schedule ends.
+    return max(1, int(seconds / min(times[1:])))
 
 
 def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = False, log=print) -> TrainResult:
@@ -304,8 +325,6 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = False, l
 
 
 def _train(cfg: TrainConfig, info: DistInfo, resume: bool, show_progress: bool, log) -> TrainResult:
-    from slm.data.loader import DataLoader
-
     run_dir = Path(cfg.out)
     mc = model_config_for(cfg)
     manifest = data_checks(cfg, mc)
@@ -350,13 +369,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, show_progress: bool, 
         prepare_run_dir(run_dir, cfg, manifest, resumed_at=start_step if latest is not None else None)
     barrier(info)
 
-    amp_dtype = autocast_dtype(cfg, info.device)
-
-    def amp():
-        if amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(info.device.type, dtype=amp_dtype)
-
+    amp = autocast(cfg, info.device)
     tokens_per_step = global_batch * seq_len
     peak, peak_source = peak_flops(info.device, cfg.peak_tflops) if info.is_main else (0.0, "")
     flops_step = flops_per_token(mc, seq_len) * tokens_per_step
@@ -380,26 +393,31 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, show_progress: bool, 
     t_start = time.perf_counter()
     t_last, steps_since_log = t_start, 0
     step, last_loss, last_val, saved, stopped_by = start_step, None, None, None, "max_steps"
-    step_seconds = 0.0
+    # The time budget's last step, decided by rank 0 at log steps (and after the first step) from
+    # the measured step time, and shared there: no collective in the steps between.
+    stop_at = cfg.max_steps
+    t_decided, step_decided = t_start, start_step
     engine.train()
     while step < cfg.max_steps:
-        t0 = time.perf_counter()
         lr = lr_at(cfg, step)
-        loss_sum, grad_norm = train_step(engine, model, optimizer, loader, lr, accum, cfg, info, amp)
+        loss, grad_norm = train_step(engine, model, optimizer, loader, lr, accum, cfg, info, amp)
         step += 1
         steps_since_log += 1
-        last_loss = all_reduce_sum([loss_sum], info)[0] / info.world_size
-        step_seconds = time.perf_counter() - t0
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens_per_step / step_seconds:,.0f}")
 
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
+        logging = step % cfg.log_every == 0 or step == cfg.max_steps
+        deciding = cfg.time_budget is not None and (logging or step == start_step + 1)
+        if logging or deciding:
+            last_loss = all_reduce_sum([float(loss)], info)[0] / info.world_size  # waits for the device
+        if logging:
             dt = time.perf_counter() - t_last
             tok_s = tokens_per_step * steps_since_log / dt
-            metrics.log({"kind": "train", "step": step, "loss": last_loss, "lr": lr, "grad_norm": grad_norm,
+            metrics.log({"kind": "train", "step": step, "loss": last_loss, "lr": lr, "grad_norm": float(grad_norm),
                          "tokens_per_s": tok_s, "mfu": flops_step * steps_since_log / dt / peak if peak else None,
                          "tokens": step * tokens_per_step, "elapsed_s": time.perf_counter() - t_start})
+            if bar is not None:
+                bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tok_s:,.0f}")
             t_last, steps_since_log = time.perf_counter(), 0
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             result = evaluate(engine, cfg, info, amp)
@@ -410,15 +428,17 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, show_progress: bool, 
                 if bar is not None:
                     bar.write(f"step {step}: val loss {result[0]:.4f}, ppl {result[1]:.2f}")
             t_last = time.perf_counter()  # evaluation time is not training throughput
-        # Stop early when the next step would overrun the budget (rank 0 decides for everyone).
-        out_of_time = 0.0
-        if cfg.time_budget is not None and info.is_main:
-            out_of_time = float(time.perf_counter() - t_start + step_seconds > cfg.time_budget)
-        out_of_time = all_reduce_max(out_of_time, info) > 0
+        if deciding:  # stop before the step that would overrun the budget
+            now = time.perf_counter()
+            step_s = (now - t_decided) / (step - step_decided)
+            fit = math.floor((cfg.time_budget - (now - t_start)) / step_s) if info.is_main else 0
+            stop_at = int(all_reduce_max(float(step + max(fit, 0)), info))  # rank 0's decision, for everyone
+            t_decided, step_decided = now, step
+        out_of_time = step >= stop_at
         if out_of_time and step < cfg.max_steps:
             stopped_by = "time_budget"
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or out_of_time:
-            extra_state["train_loss"] = last_loss
+            extra_state["train_loss"] = last_loss = all_reduce_sum([float(loss)], info)[0] / info.world_size
             saved = save_training_checkpoint(run_dir, model, optimizer, loader, step, info, cfg, extra_state)
         if out_of_time:
             break

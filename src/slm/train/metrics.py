@@ -138,6 +138,19 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return records
 
 
+def trained_seconds(run_dir: str | Path) -> float:
+    """Training time a run has spent so far, over all its (interrupted and resumed) sessions."""
+    total, session = 0.0, 0.0
+    for r in read_metrics(run_dir):
+        if r.get("kind") == "start":
+            total, session = total + session, 0.0
+        elif "elapsed_s" in r:
+            session = max(session, r["elapsed_s"])
+        elif r.get("kind") == "end":
+            session = max(session, r.get("seconds", 0.0))
+    return total + session
+
+
 def plot_losses(run_dir: str | Path, png: str | Path, title: str | None = None, baseline: float | None = None) -> Path:
     """Training and validation loss against tokens seen, as a PNG (needs matplotlib)."""
     try:
