@@ -45,7 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--draft-tokens", default="auto", metavar="K|auto",
         help="tokens the draft proposes per round: an integer, or 'auto' to adapt from acceptance (default)",
     )
-    p.add_argument("--quantize", choices=["int8"], default=None, help="run the model with int8 weights (faster on CPU)")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="run the model with int8 weights, or int4 decoder layers and an int8 lm_head (faster "
+                   "on CPU; perplexity cost: benchmarks/perplexity.py)")
     p.add_argument("--json", action="store_true", help="print one JSON object (text, tokens, timing) instead of text")
     add_threads_argument(p)
     p.set_defaults(func=_generate)
@@ -103,9 +105,9 @@ def _generate(args: argparse.Namespace) -> int:
 
         draft = load_draft(args.draft, target=model, target_dir=model_dir)
         if args.quantize:
-            from slm.quantize import quantize_int8
+            from slm.quantize import QUANTIZERS
 
-            quantize_int8(model)
+            QUANTIZERS[args.quantize](model)
         result = speculative_generate(
             model, draft, prompt, args.max_new_tokens, sampling,
             draft_tokens=parse_draft_tokens(args.draft_tokens), stop_ids=stop_ids, generator=generator,
@@ -113,9 +115,9 @@ def _generate(args: argparse.Namespace) -> int:
         )
     else:
         if args.quantize:
-            from slm.quantize import quantize_int8
+            from slm.quantize import QUANTIZERS
 
-            quantize_int8(model)
+            QUANTIZERS[args.quantize](model)
         result = generate(
             model, prompt, args.max_new_tokens, sampling, stop_ids=stop_ids, generator=generator, on_token=stream
         )
