@@ -242,15 +242,29 @@ def main() -> None:
 # --- llama.cpp as the peer (--peer llamacpp) ------------------------------------------------
 
 
-def _peer_model_dir(name: str, ours, tmp: Path) -> Path:
-    """A model directory holding `ours` (the same weights) with a tokenizer, to export as GGUF."""
-    from slm.gguf_import import cached_import, read_tokenizer
+def load_slm_case(name: str):
+    """-> (slm model, tokenizer or None, model directory or None): the real SmolLM2, or a registered
+    shape with random weights (AMD init), without a transformers copy."""
+    from slm.config import get_config
+    from slm.model import Transformer
 
     if name == "smollm2":
         from slm.assets import smollm2_gguf
+        from slm.gguf_import import cached_import
+        from slm.tokenizer import Tokenizer
+        from slm.weights import load_model
 
-        return cached_import(smollm2_gguf())
+        model_dir = cached_import(smollm2_gguf())
+        return load_model(model_dir), Tokenizer.load(model_dir), model_dir
+    ours = Transformer(get_config(name))
+    ours.init_weights(torch.Generator().manual_seed(0))
+    return ours.eval(), None, None
+
+
+def _with_tokenizer(name: str, ours, tmp: Path) -> Path:
+    """A model directory holding `ours` (random weights) with the LLaMA-2 tokenizer, to export as GGUF."""
     from slm.assets import llama2_vocab_gguf
+    from slm.gguf_import import read_tokenizer
     from slm.weights import save_model
 
     vocab = llama2_vocab_gguf()
@@ -276,22 +290,11 @@ def gguf_bytes_per_token(path: Path, kv_len: int, config) -> int:
 def llamacpp_case(name: str, args, tmp: Path) -> None:
     import _llamacpp
 
-    from slm.config import get_config
     from slm.gguf_export import export_gguf
-    from slm.model import Transformer
     from slm.quantize import draft_copy, quantized_copy
-    from slm.tokenizer import Tokenizer
-    from slm.weights import load_model
 
-    if name == "smollm2":
-        model_dir = _peer_model_dir(name, None, tmp)
-        ours = load_model(model_dir)
-        tok = Tokenizer.load(model_dir)
-    else:
-        ours = Transformer(get_config(name))
-        ours.init_weights(torch.Generator().manual_seed(0))
-        ours.eval()
-        model_dir, tok = _peer_model_dir(name, ours, tmp), None
+    ours, tok, model_dir = load_slm_case(name)
+    model_dir = model_dir or _with_tokenizer(name, ours, tmp)
     ggufs = {q: export_gguf(model_dir, tmp / f"{name}-{q}.gguf", dtype=q, progress=False)
              for q in ("f32", "q8_0", "q4_0")}
     variants = {"fp32": (ours, "f32"), "int8": (quantized_copy(ours), "q8_0"), "int4": (draft_copy(ours), "q4_0")}
@@ -366,7 +369,7 @@ def contention_main(args) -> None:
     from slm.threads import choose_threads, usable_cores
 
     name = "smollm2" if args.model == "all" else args.model
-    ours, _, tok = load_case(name)
+    ours, tok, _ = load_slm_case(name)
     prompt = make_prompt(tok, ours.config.vocab_size, 32)
     fixed = list(range(1, usable_cores() + 1))
     print(f"contention: {name}, one busy process, fixed threads {fixed}, loadavg before {os.getloadavg()}", flush=True)
