@@ -524,11 +524,13 @@ def part_real_llamacpp(args, target, model_dir, tokenizer, tmp: Path) -> list[di
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["controlled", "pairs", "useless", "bound", "acceptance", "real", "all"],
+    ap.add_argument("--part", choices=["controlled", "pairs", "useless", "bound", "acceptance", "real", "real-llamacpp",
+                                       "all"],
                     default="all",
                     help="controlled: the controlled pairs and the useless draft; pairs, useless: one of the two; "
                     "bound: the verify's cost and matmul rate against the core's peak (a minute); acceptance: the "
-                    "noisy pair's acceptance for each --noises value (not part of all)")
+                    "noisy pair's acceptance for each --noises value (not part of all); real-llamacpp: only part 2's "
+                    "comparison with llama.cpp (as --part real --llamacpp without the transformers rows)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: on a loaded shared machine 2 threads ran 10x slower)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds after the warm-up (median)")
     ap.add_argument("--ks", type=int, nargs="+", default=[3, 5, 8], help="part 1: constant draft lengths")
@@ -572,8 +574,8 @@ def main() -> None:
             part_useless(args, full, model_dir, tokenizer, Path(tmp))
         if args.part in ("real", "all"):
             part_real(args, full, model_dir, tokenizer, Path(tmp))
-            if args.llamacpp:
-                part_real_llamacpp(args, full, model_dir, tokenizer, Path(tmp))
+        if args.part == "real-llamacpp" or (args.llamacpp and args.part in ("real", "all")):
+            part_real_llamacpp(args, full, model_dir, tokenizer, Path(tmp))
     print(json.dumps({"loadavg": os.getloadavg(), "threads": args.threads}))
 
 
