@@ -28,7 +28,9 @@ import torch
 from slm.atomic import remove_tmp, replace_file, tmp_name
 from slm.config import ModelConfig
 from slm.errors import SlmError
-from slm.gguf_import import _BLOCK_NAMES, _BYTE, _CONTROL, _GLOBAL_NAMES, _NORMAL, _UNKNOWN, _UNUSED, _USER_DEFINED
+from slm.gguf_import import (
+    _BLOCK_NAMES, _BYTE, _CONTROL, _GLOBAL_NAMES, _LLAMA3_SPLIT, _NORMAL, _UNKNOWN, _UNUSED, _USER_DEFINED,
+)
 
 DTYPES = ("f32", "f16", "q8_0", "q4_0")
 
@@ -81,8 +83,6 @@ def _encode(w: np.ndarray, qtype):
 def _byte_level_pre(pre_tokenizer: dict | None, path: Path) -> str:
     """llama.cpp's `tokenizer.ggml.pre` for a tokenizer.json byte-level pre-tokenizer (the splits
     `slm.gguf_import` rebuilds for each name)."""
-    from slm.gguf_import import _LLAMA3_SPLIT
-
     def byte_level(p: dict, regex: bool) -> bool:
         return p.get("type") == "ByteLevel" and not p.get("add_prefix_space", False) and p.get("use_regex", True) == regex
 
