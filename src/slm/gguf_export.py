@@ -17,6 +17,7 @@ matrix whose rows do not split into 32-value blocks falls back to F16 (as llama.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sys
@@ -173,7 +174,15 @@ def _add_tokenizer(writer, tok_dir: Path, config: ModelConfig) -> None:
             merges = True
     else:
         raise SlmError(f"{tok_dir}: no tokenizer.json or tokenizer.model to put in the GGUF file")
-    special = SpecialVocab(tok_dir, load_merges=merges, n_vocab=config.vocab_size)
+    # gguf warns about post-processor templates it cannot classify (LLaMA's "<s> $A <s> $B" pair
+    # template); the ids it needs come from the config below, so the warning would only mislead.
+    vocab_log = logging.getLogger("gguf.vocab")
+    level = vocab_log.level
+    vocab_log.setLevel(logging.ERROR)
+    try:
+        special = SpecialVocab(tok_dir, load_merges=merges, n_vocab=config.vocab_size)
+    finally:
+        vocab_log.setLevel(level)
     # The model's own ids win over the tokenizer files' (they are what generation stops on).
     for kind, i in (("bos", config.bos_id), ("eos", config.eos_id)):
         if i is not None and 0 <= i < config.vocab_size:
