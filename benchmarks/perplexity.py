@@ -1,7 +1,7 @@
 """What `slm generate --quantize` costs in quality: perplexity of SmolLM2-135M-Instruct on a fixed
 held-out text, fp32 vs int8 vs int4 (int4 decoder layers, int8 lm_head), same tokens.
 
-    python benchmarks/perplexity.py                    # about a minute on 2 cores
+    python benchmarks/perplexity.py                    # about 2 minutes (1 thread)
     python benchmarks/perplexity.py --tokens 8192 --json
 
 The text is Python standard-library source (textwrap.py, then argparse.py, ...: real code that
