@@ -12,6 +12,18 @@ callback (slm) and a logits processor (transformers). The fp32 tokens must be id
 
 The bandwidth bound: a decode step must read every weight once (and the KV cache), so
 tokens/s <= memory bandwidth / bytes per token; bandwidth is measured here, between the runs.
+
+    python benchmarks/decode.py --peer llamacpp --threads 1    # llama.cpp as the peer (needs
+    python benchmarks/decode.py --peer llamacpp --threads 2    #   bash benchmarks/setup_llamacpp.sh)
+    python benchmarks/decode.py --contention                   # one busy process: default vs fixed threads
+
+--peer llamacpp: the same weights exported with `slm export --format gguf` (f32, q8_0, q4_0) and
+run by llama-bench (its tg rate: single-token decode steps after a prefill of the context, which
+is not timed) beside slm fp32 / int8 / int4 (`--quantize`), interleaved round by round with the
+bandwidth probe; each with its bound (bandwidth / bytes a step reads) and the fraction reached.
+First, the exported f32 file run greedily in llama-server must give slm's greedy tokens.
+--contention: starts one `while 1: pass` process, then times slm's default thread choice
+(slm.threads, chosen afresh each round as a new `slm generate` would) against every fixed count.
 """
 
 from __future__ import annotations
@@ -166,8 +178,16 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--quantize", choices=["int8"], default=None, help="add an slm int8 row (vs transformers fp32)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--peer", choices=["transformers", "llamacpp"], default="transformers",
+                    help="the engine slm is compared with (llamacpp: fp32/int8/int4 vs F32/Q8_0/Q4_0)")
+    ap.add_argument("--contention", action="store_true",
+                    help="one busy background process: slm's default thread choice vs each fixed count")
     args = ap.parse_args()
 
+    if args.contention:
+        return contention_main(args)
+    if args.peer == "llamacpp":
+        return llamacpp_main(args)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     print(f"threads={args.threads} torch={torch.__version__} loadavg={os.getloadavg()}", flush=True)
@@ -218,6 +238,168 @@ def main() -> None:
                       f"({row['bandwidth_gb_s']} GB/s) "
                       f"(slm at {row['slm_of_bound']:.0%}){extra}  loadavg {row['loadavg']}", flush=True)
         del ours, hf, int8
+
+
+# --- llama.cpp as the peer (--peer llamacpp) ------------------------------------------------
+
+
+def load_slm_case(name: str):
+    """-> (slm model, tokenizer or None, model directory or None): the real SmolLM2, or a registered
+    shape with random weights (AMD init), without a transformers copy."""
+    from slm.config import get_config
+    from slm.model import Transformer
+
+    if name == "smollm2":
+        from slm.assets import smollm2_gguf
+        from slm.gguf_import import cached_import
+        from slm.tokenizer import Tokenizer
+        from slm.weights import load_model
+
+        model_dir = cached_import(smollm2_gguf())
+        return load_model(model_dir), Tokenizer.load(model_dir), model_dir
+    ours = Transformer(get_config(name))
+    ours.init_weights(torch.Generator().manual_seed(0))
+    return ours.eval(), None, None
+
+
+def _with_tokenizer(name: str, ours, tmp: Path) -> Path:
+    """A model directory holding `ours` (random weights) with the LLaMA-2 tokenizer, to export as GGUF."""
+    from slm.assets import llama2_vocab_gguf
+    from slm.gguf_import import read_tokenizer
+    from slm.weights import save_model
+
+    vocab = llama2_vocab_gguf()
+    if vocab is None:  # the amd shape has the LLaMA-2 vocabulary; llama.cpp needs some tokenizer in the file
+        raise SystemExit("the amd-llama-135m case needs the LLaMA-2 vocabulary: python scripts/fetch_llama2_vocab.py")
+    tok = tmp / "tokenizer"
+    tok.mkdir(parents=True, exist_ok=True)
+    read_tokenizer(vocab).save(str(tok / "tokenizer.json"))
+    return save_model(ours, tmp / name, tokenizer_dir=tok)
+
+
+def gguf_bytes_per_token(path: Path, kv_len: int, config) -> int:
+    """What llama.cpp reads per decode step: every tensor of the file but the embedding table
+    (one row of it; unless it is also the lm_head, as when output.weight is absent), plus its
+    KV cache (f16 by default)."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(str(path)).tensors}
+    total = sum(tensors.values()) - (tensors["token_embd.weight"] if "output.weight" in tensors else 0)
+    return total + 2 * config.n_layers * config.n_kv_heads * config.head_dim * kv_len * 2
+
+
+def llamacpp_case(name: str, args, tmp: Path) -> None:
+    import _llamacpp
+
+    from slm.gguf_export import export_gguf
+    from slm.quantize import draft_copy, quantized_copy
+
+    ours, tok, model_dir = load_slm_case(name)
+    model_dir = model_dir or _with_tokenizer(name, ours, tmp)
+    ggufs = {q: export_gguf(model_dir, tmp / f"{name}-{q}.gguf", dtype=q, progress=False)
+             for q in ("f32", "q8_0", "q4_0")}
+    variants = {"fp32": (ours, "f32"), "int8": (quantized_copy(ours), "q8_0"), "int4": (draft_copy(ours), "q4_0")}
+
+    # The exported f32 file, run greedily by llama.cpp, must give slm's greedy tokens.
+    prompt = make_prompt(tok, ours.config.vocab_size, 32)
+    with _llamacpp.Server(ggufs["f32"], threads=args.threads) as server:
+        theirs, _, _ = server.complete(prompt, args.new_tokens)
+    mine = run_ours(ours, prompt, args.new_tokens)[0]
+    if theirs != mine:
+        same = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), len(mine))
+        raise SystemExit(f"{name}: llama.cpp's greedy tokens from the exported f32 GGUF differ from slm's "
+                         f"at new token {same}")
+    print(f"{name}: llama.cpp (exported f32 GGUF) gives slm's {len(mine)} greedy tokens", flush=True)
+
+    contexts = {"short": 32, "long": 1950}
+    contexts = contexts if args.context == "all" else {args.context: contexts[args.context]}
+    for ctx, length in contexts.items():
+        prompt = make_prompt(tok, ours.config.vocab_size, length)
+        runs = {f"slm {v}": [] for v in variants} | {f"llama.cpp {q}": [] for _, q in variants.values()}
+        bandwidth = []
+        for r in range(args.warmup + args.repeats):
+            for v, (model, q) in variants.items():  # interleaved: slm fp32, llama.cpp F32, slm int8, ...
+                tps_ours = run_ours(model, prompt, args.new_tokens)[1]
+                tps_theirs = _llamacpp.decode_tok_s(ggufs[q], args.threads, n_gen=args.new_tokens,
+                                                    depth=len(prompt))
+                if r >= args.warmup:
+                    runs[f"slm {v}"].append(tps_ours)
+                    runs[f"llama.cpp {q}"].append(tps_theirs)
+            if r >= args.warmup:
+                bandwidth.append(measure_bandwidth())
+        bw = statistics.median(bandwidth)
+        kv_len = len(prompt) + args.new_tokens // 2
+        for v, (model, q) in variants.items():
+            a, b = statistics.median(runs[f"slm {v}"]), statistics.median(runs[f"llama.cpp {q}"])
+            bound_a = bw / bytes_per_token(model, kv_len)
+            bound_b = bw / gguf_bytes_per_token(ggufs[q], kv_len, ours.config)
+            row = {"model": name, "context": len(prompt), "threads": args.threads, "slm": v, "llamacpp": q.upper(),
+                   "slm_tok_s": round(a, 2), "llamacpp_tok_s": round(b, 2), "ratio": round(a / b, 3),
+                   "bandwidth_gb_s": round(bw / 1e9, 1), "slm_bound_tok_s": round(bound_a, 1),
+                   "slm_of_bound": round(a / bound_a, 3), "llamacpp_bound_tok_s": round(bound_b, 1),
+                   "llamacpp_of_bound": round(b / bound_b, 3), "loadavg": [round(x, 2) for x in os.getloadavg()]}
+            if args.json:
+                print(json.dumps(row), flush=True)
+            else:
+                print(f"{name:15s} ctx {len(prompt):5d} t{args.threads}: slm {v:4s} {a:6.1f} tok/s "
+                      f"({row['slm_of_bound']:.0%} of {bound_a:.0f})  llama.cpp {q.upper():4s} {b:6.1f} tok/s "
+                      f"({row['llamacpp_of_bound']:.0%} of {bound_b:.0f})  ratio {row['ratio']:.2f}x  "
+                      f"{row['bandwidth_gb_s']} GB/s  loadavg {row['loadavg']}", flush=True)
+
+
+def llamacpp_main(args) -> None:
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    torch.set_num_threads(args.threads)
+    print(f"threads={args.threads} torch={torch.__version__} peer=llama.cpp loadavg={os.getloadavg()}", flush=True)
+    models = ["smollm2", "amd-llama-135m"] if args.model == "all" else [args.model]
+    for name in models:
+        with tempfile.TemporaryDirectory() as tmp:
+            llamacpp_case(name, args, Path(tmp))
+
+
+# --- contention (--contention) --------------------------------------------------------------
+
+
+def contention_main(args) -> None:
+    """One busy background process (started and stopped here); slm's default thread choice against
+    every fixed thread count, interleaved round by round, medians."""
+    import subprocess
+
+    from slm.threads import choose_threads, usable_cores
+
+    name = "smollm2" if args.model == "all" else args.model
+    ours, tok, _ = load_slm_case(name)
+    prompt = make_prompt(tok, ours.config.vocab_size, 32)
+    fixed = list(range(1, usable_cores() + 1))
+    print(f"contention: {name}, one busy process, fixed threads {fixed}, loadavg before {os.getloadavg()}", flush=True)
+    busy = subprocess.Popen([sys.executable, "-c", "while 1: pass"])
+    try:
+        time.sleep(1.0)
+        runs = {"default": [], **{t: [] for t in fixed}}
+        chosen = []
+        for r in range(args.warmup + args.repeats):
+            for key in runs:
+                n = choose_threads() if key == "default" else key
+                torch.set_num_threads(n)
+                tps = run_ours(ours, prompt, args.new_tokens)[1]
+                if r >= args.warmup:
+                    runs[key].append(tps)
+                    if key == "default":
+                        chosen.append(n)
+        load = os.getloadavg()
+    finally:
+        busy.kill()
+        busy.wait()
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    best = max(med[t] for t in fixed)
+    row = {"model": name, "case": "contention", "default_threads_chosen": chosen,
+           "default_tok_s": round(med["default"], 2), **{f"threads_{t}_tok_s": round(med[t], 2) for t in fixed},
+           "default_of_best_fixed": round(med["default"] / best, 3),
+           "default_over_threads_1": round(med["default"] / med[1], 3), "loadavg": [round(x, 2) for x in load]}
+    print(json.dumps(row) if args.json else
+          "  ".join(f"{k}: {v}" for k, v in row.items()), flush=True)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,12 @@ int4 decoder layers and an int8 lm_head), and "auto" (lookup, else the int4 copy
 (and a fixed K for ngram and int4). transformers rows: prompt lookup (prompt_lookup_num_tokens) and, as its
 nearest int8 draft, the target under torch.ao dynamic int8 quantisation as assistant.
 
+With --llamacpp (after `bash benchmarks/setup_llamacpp.sh`), part 2 also runs llama.cpp on the same
+weights (exported with `slm export --format gguf`, target F32) through llama-server, one server per
+speculative setting: target-only, each of its n-gram modes (ngram-simple, ngram-map-k, ngram-mod,
+ngram-cache) and a draft GGUF (the target itself in Q4_0 or Q8_0, llama.cpp's analogue of slm's
+quantized self-draft), beside slm's best drafts; reported: slm's best over llama.cpp's best in wall time.
+
 Every speculative output is asserted equal to the same engine's target-only greedy output.
 Runs are interleaved (A, B, C, ... then again) after a warm-up; load average printed. Speedups
 and cost ratios are medians over rounds of each round's own ratio (the engines of one round ran
@@ -444,13 +450,82 @@ def part_real(args, target, model_dir, tokenizer, tmp: Path) -> list[dict]:
     return rows
 
 
+# --- llama.cpp's speculative options beside slm's (--part real --llamacpp) ------------------------
+
+LLAMACPP_NGRAM_MODES = ("ngram-simple", "ngram-map-k", "ngram-mod", "ngram-cache")
+
+
+def llamacpp_engine(server, n):
+    return lambda p: (server.complete(p, n)[0], {})
+
+
+def part_real_llamacpp(args, target, model_dir, tokenizer, tmp: Path) -> list[dict]:
+    """Part 2's prompts, slm's best drafts against llama.cpp's speculative options on the same
+    weights (llama-server, greedy, one server per setting, all started first, then interleaved).
+    Each engine's output must equal its own target-only output; llama.cpp's target-only output
+    is also compared with slm's."""
+    import contextlib
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import _llamacpp
+
+    from slm.gguf_export import export_gguf
+    from slm.speculative import NgramDraft, load_draft
+
+    prompts = humaneval_prompts(tokenizer, args.prompts, model_dir, args.prompt_format)
+    n, t = args.new_tokens, args.threads
+    ggufs = {q: export_gguf(model_dir, tmp / f"target-{q}.gguf", dtype=q, progress=False) for q in ("f32", "q4_0", "q8_0")}
+    settings = {"llama.cpp target": []}
+    settings |= {f"llama.cpp {m}": ["--spec-type", m] for m in LLAMACPP_NGRAM_MODES}
+    settings |= {f"llama.cpp draft {q}": ["-md", str(ggufs[q]), "-td", str(t), "--spec-type", "draft-simple"]
+                 for q in ("q4_0", "q8_0")}
+    drafts = {spec: load_draft(spec, target=target, target_dir=model_dir) for spec in ("int4", "auto")}
+    engines = {
+        "slm target": ours_plain(target, n),
+        "slm ngram auto": ours_spec(target, NgramDraft(), n, "auto"),
+        "slm int4 auto": ours_spec(target, drafts["int4"], n, "auto"),
+        "slm auto auto": ours_spec(target, drafts["auto"], n, "auto"),
+    }
+    with contextlib.ExitStack() as stack:
+        for name, extra in settings.items():
+            try:
+                server = stack.enter_context(_llamacpp.Server(ggufs["f32"], threads=t, extra=extra))
+            except RuntimeError as e:  # a mode this llama.cpp build does not have
+                log(f"  {name}: skipped ({e})")
+                continue
+            engines[name] = llamacpp_engine(server, n)
+        log(f"part 2 vs llama.cpp: {len(engines)} engines x {len(prompts)} prompts x {args.repeats} rounds, {n} new tokens")
+        res = interleaved(engines, prompts, args.repeats)
+    rows = []
+    for name, r in res.items():
+        eng = "slm" if name.startswith("slm") else "llama.cpp"
+        assert r["tokens"] == res[f"{eng} target"]["tokens"], f"{name}: output differs from {eng} target-only greedy"
+        row = {"part": "real-llamacpp", "engine": name, "tokens_per_s": round(n * len(prompts) / r["seconds"], 2),
+               "speedup": round(ratio(res, f"{eng} target", name), 3)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    spec = lambda eng: [k for k in res if k.startswith(eng) and not k.endswith("target")]  # noqa: E731
+    best_slm = min(spec("slm"), key=lambda k: res[k]["seconds"])
+    best_llama = min(spec("llama.cpp"), key=lambda k: res[k]["seconds"])
+    summary = {"part": "real-llamacpp", "slm_best": best_slm, "llamacpp_best": best_llama,
+               "llamacpp_best_seconds_over_slm_best": round(ratio(res, best_llama, best_slm), 3),
+               "llamacpp_target_over_slm_target": round(ratio(res, "llama.cpp target", "slm target"), 3),
+               "same_target_tokens": res["llama.cpp target"]["tokens"] == res["slm target"]["tokens"],
+               "threads": t, "loadavg": os.getloadavg()}
+    rows.append(summary)
+    print(json.dumps(summary), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["controlled", "pairs", "useless", "bound", "acceptance", "real", "all"],
+    ap.add_argument("--part", choices=["controlled", "pairs", "useless", "bound", "acceptance", "real", "real-llamacpp",
+                                       "all"],
                     default="all",
                     help="controlled: the controlled pairs and the useless draft; pairs, useless: one of the two; "
                     "bound: the verify's cost and matmul rate against the core's peak (a minute); acceptance: the "
-                    "noisy pair's acceptance for each --noises value (not part of all)")
+                    "noisy pair's acceptance for each --noises value (not part of all); real-llamacpp: only part 2's "
+                    "comparison with llama.cpp (as --part real --llamacpp without the transformers rows)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: on a loaded shared machine 2 threads ran 10x slower)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds after the warm-up (median)")
     ap.add_argument("--ks", type=int, nargs="+", default=[3, 5, 8], help="part 1: constant draft lengths")
@@ -472,6 +547,8 @@ def main() -> None:
     ap.add_argument("--prompt-format", choices=["chat", "raw"], default="chat",
                     help="HumanEval prompts as slm's HumanEval evaluation builds them (default chat: the model writes code)")
     ap.add_argument("--hf-int8", action="store_true", help="part 2: add transformers with a dynamic-int8 assistant")
+    ap.add_argument("--llamacpp", action="store_true",
+                    help="part 2: also llama.cpp's speculative options on the same weights (needs setup_llamacpp.sh)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -492,6 +569,8 @@ def main() -> None:
             part_useless(args, full, model_dir, tokenizer, Path(tmp))
         if args.part in ("real", "all"):
             part_real(args, full, model_dir, tokenizer, Path(tmp))
+        if args.part == "real-llamacpp" or (args.llamacpp and args.part in ("real", "all")):
+            part_real_llamacpp(args, full, model_dir, tokenizer, Path(tmp))
     print(json.dumps({"loadavg": os.getloadavg(), "threads": args.threads}))
 
 

@@ -69,13 +69,28 @@ def test_quantized_copy_shares_fp32_tensors_and_leaves_the_original_alone():
     assert generate(model, prompt, 8, stop=Stop()).tokens == a
 
 
-def test_cli_generate_quantize_int8(tiny_model_dir, capsys):
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_cli_generate_quantize(tiny_model_dir, capsys, kind):
     from slm.cli import main
 
-    assert main(["generate", str(tiny_model_dir), "--prompt", "def add(a, b):", "--quantize", "int8",
+    assert main(["generate", str(tiny_model_dir), "--prompt", "def add(a, b):", "--quantize", kind,
                  "--max-new-tokens", "6", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert 1 <= out["new_tokens"] <= 6 and len(out["tokens"]) == out["new_tokens"]
+
+
+def test_quantize_int4_replaces_in_place_as_the_draft_copy_does(tiny_model_dir):
+    from slm.quantize import Int4Linear, draft_copy, quantize_int4
+    from slm.weights import load_model
+
+    model = load_model(tiny_model_dir)
+    tokens = torch.tensor([[5, 9, 14, 2, 77, 31]])
+    with torch.inference_mode():
+        want = draft_copy(model)(tokens)
+        assert quantize_int4(model) is model
+        got = model(tokens)
+    assert isinstance(model.layers[0].feed_forward.w2, Int4Linear) and isinstance(model.output, Int8Linear)
+    assert torch.equal(got, want)
 
 
 @pytest.mark.slow

@@ -178,6 +178,17 @@ def test_export_loads_in_transformers_with_the_same_logits(reference_run, tmp_pa
     assert tok("def add").input_ids
 
 
+def test_export_gguf_of_a_run_holds_its_final_weights(reference_run, tmp_path):
+    from slm.gguf_import import read_gguf
+    from slm.weights import build_model, hf_to_slm
+
+    out = tmp_path / "run.gguf"
+    assert slm_in_process("export", str(reference_run), "--format", "gguf", "--out", str(out)) == 0
+    config, hf, files = read_gguf(out)
+    assert "tokenizer.json" in files
+    assert_bit_identical(dict(build_model(config, hf_to_slm(hf, config)).state_dict()), final_weights(reference_run))
+
+
 def test_code_recipe_continues_an_exported_model(data_dir, reference_run, tmp_path, capsys):
     model_dir, out = tmp_path / "model", tmp_path / "code"
     assert slm_in_process("export", str(reference_run), "--out", str(model_dir)) == 0

@@ -127,18 +127,28 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {self.group_size}"
 
 
+def _int4_layers(name: str, weight: torch.Tensor) -> nn.Module:
+    """Decoder-layer linears in int4 (groups of 32; int8 where the int4 kernel's shape rules do not
+    allow it), the lm_head in int8."""
+    if name.startswith("layers.") and Int4Linear.supports(weight):
+        return Int4Linear.from_float(weight)
+    return Int8Linear.from_float(weight)
+
+
+def quantize_int4(model: Transformer) -> Transformer:
+    """Replace `model`'s linears (in place) as `draft_copy` does: int4 decoder layers, int8 lm_head.
+    Its perplexity cost against fp32 and int8 is measured by benchmarks/perplexity.py."""
+    return _replace_linears(model, _int4_layers)
+
+
+QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4}  # `--quantize` choices
+
+
 def draft_copy(model: Transformer) -> Transformer:
-    """A copy of `model` to draft for it in speculative decoding: decoder-layer linears in int4
-    (groups of 32; int8 where the int4 kernel's shape rules do not allow it), lm_head in int8.
+    """A copy of `model` to draft for it in speculative decoding, quantised as `quantize_int4`.
     Shares the embeddings and norms with `model`, like `quantized_copy`.
 
     Measured on SmolLM2-135M-Instruct (1 thread, benchmarks/README.md): a decode step costs
     ~0.49 of fp32's (int8 everywhere: ~0.66) and its next token agrees with fp32's 98% of the
     time on HumanEval completions (int4 everywhere: 90%: the lm_head is what int4 hurts)."""
-
-    def make(name: str, weight: torch.Tensor) -> nn.Module:
-        if name.startswith("layers.") and Int4Linear.supports(weight):
-            return Int4Linear.from_float(weight)
-        return Int8Linear.from_float(weight)
-
-    return _replace_linears(_shared_copy(model), make)
+    return quantize_int4(_shared_copy(model))

@@ -33,19 +33,15 @@ def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     """`--threads N` for commands that run a model on the CPU (see `apply_threads`)."""
     parser.add_argument(
         "--threads", type=int, default=None, metavar="N",
-        help="CPU threads for torch (default: torch's choice, all cores); on a machine shared with other "
-        "busy processes, 1 is often several times faster",
+        help="CPU threads for torch (default: the cores that are free right now, at least 1; "
+        "see slm.threads)",
     )  # fmt: skip
 
 
 def apply_threads(args: argparse.Namespace) -> None:
-    if args.threads is None:
-        return
-    if args.threads < 1:
-        raise SlmError(f"--threads must be >= 1, got {args.threads}")
-    import torch
+    from slm.threads import set_threads
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -47,7 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--draft-tokens", default="auto", metavar="K|auto",
         help="tokens the draft proposes per round: an integer, or 'auto' to adapt from acceptance (default)",
     )
-    p.add_argument("--quantize", choices=["int8"], default=None, help="run the model with int8 weights (faster on CPU)")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="run the model with int8 weights, or int4 decoder layers and an int8 lm_head (faster "
+                   "on CPU; perplexity cost: benchmarks/perplexity.py)")
     p.add_argument("--json", action="store_true", help="print one JSON object (text, tokens, timing) instead of text")
     add_threads_argument(p)
     p.set_defaults(func=_generate)
@@ -84,7 +86,7 @@ def _generate(args: argparse.Namespace) -> int:
     from slm.errors import SlmError
     from slm.load import load_any, load_draft
     from slm.model import Transformer
-    from slm.quantize import quantize_int8
+    from slm.quantize import QUANTIZERS
     from slm.sampling import SamplingParams, make_generator
     from slm.speculative import parse_draft_tokens
     from slm.tokenizer import Tokenizer
@@ -103,7 +105,7 @@ def _generate(args: argparse.Namespace) -> int:
     # The draft first: an int4/int8 self-draft is made from the fp32 weights, before --quantize.
     draft = load_draft(args.draft, target=model, target_dir=model_dir) if args.draft is not None else None
     if args.quantize:
-        quantize_int8(model)
+        QUANTIZERS[args.quantize](model)
     stream = _TextStream(tokenizer) if (sys.stdout.isatty() and not args.json) else None
     result = generate(
         model, prompt, args.max_new_tokens, sampling, draft=draft, draft_tokens=draft_tokens,

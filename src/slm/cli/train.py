@@ -60,13 +60,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "export",
-        help="write a training checkpoint as a model directory",
+        help="write a training checkpoint as a model directory, or a model as a GGUF file",
         description="Export the newest complete checkpoint of RUN_DIR (or the given checkpoint directory) "
-        "as a Hugging Face model directory with the run's tokenizer (loadable by slm and transformers).",
+        "as a Hugging Face model directory with the run's tokenizer (loadable by slm and transformers); "
+        "with --format gguf, a run or a model directory as one GGUF file for llama.cpp and Ollama.",
     )
-    p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
-    p.add_argument("--out", required=True, metavar="MODEL_DIR",
-                   help="model directory to write: new, empty or one slm wrote (replaced atomically)")
+    p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT", help="a run or checkpoint directory (gguf: or a model directory)")
+    p.add_argument("--out", required=True, metavar="OUT", help="model directory (hf: new, empty or one slm wrote) or .gguf file to write (replaced atomically)")
+    p.add_argument("--format", choices=["hf", "gguf"], default="hf", help="hf: a model directory (default); gguf: one file")
+    p.add_argument("--dtype", choices=["f32", "f16", "q8_0", "q4_0"], default="f32",
+                   help="gguf tensor type (default f32; q4_0 keeps the embeddings/lm_head in q8_0; norms stay f32)")
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="tokenizer directory (default: the copy kept in the run directory)")
     p.set_defaults(func=_export)
@@ -101,8 +104,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from slm.train.export import export
+    if args.format == "gguf":
+        from slm.gguf_export import export_gguf
 
-    out = export(args.path, args.out, tokenizer_dir=args.tokenizer)
+        out = export_gguf(args.path, args.out, dtype=args.dtype, tokenizer_dir=args.tokenizer)
+    else:
+        from slm.train.export import export
+
+        out = export(args.path, args.out, tokenizer_dir=args.tokenizer)
     print(f"wrote {out}", file=sys.stderr)
     return 0
