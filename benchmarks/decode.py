@@ -253,7 +253,7 @@ def load_slm_case(name: str):
         from slm.assets import smollm2_gguf
         from slm.gguf_import import cached_import
         from slm.tokenizer import Tokenizer
-        from slm.weights import load_model
+        from slm.load import load_model
 
         model_dir = cached_import(smollm2_gguf())
         return load_model(model_dir), Tokenizer.load(model_dir), model_dir

@@ -64,7 +64,7 @@ def main() -> None:
     from slm.quantize import QUANTIZERS
     from slm.threads import set_threads
     from slm.tokenizer import Tokenizer
-    from slm.weights import load_model
+    from slm.load import load_model
 
     threads = set_threads(args.threads)
     model_dir = cached_import(smollm2_gguf())

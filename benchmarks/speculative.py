@@ -470,7 +470,8 @@ def part_real_llamacpp(args, target, model_dir, tokenizer, tmp: Path) -> list[di
     import _llamacpp
 
     from slm.gguf_export import export_gguf
-    from slm.speculative import NgramDraft, load_draft
+    from slm.load import load_draft
+    from slm.speculative import NgramDraft
 
     prompts = humaneval_prompts(tokenizer, args.prompts, model_dir, args.prompt_format)
     n, t = args.new_tokens, args.threads

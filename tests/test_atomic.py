@@ -16,7 +16,8 @@ from _bad_input_common import snapshot, write_tiny_gguf
 from slm.atomic import TMP_TAG, atomic_dir, atomic_write, sweep_stale, tmp_name, write_text
 from slm.cli import main
 from slm.errors import SlmError
-from slm.weights import is_model_dir, load_model
+from slm.load import load_model
+from slm.weights import is_model_dir
 
 
 def _dead_pid() -> int:

@@ -19,7 +19,8 @@ from slm.cli import main
 from slm.errors import SlmError
 from slm.gguf_export import export_gguf, permute_rope
 from slm.gguf_import import read_gguf, unpermute_rope
-from slm.weights import load_model, read_config, read_hf_state_dict
+from slm.load import load_model
+from slm.weights import read_config, read_hf_state_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,9 +41,9 @@ def _field(reader, key):
 
 @torch.inference_mode()
 def _greedy(model, prompt, n):
-    from slm.generate import generate
+    from slm.generate import Stop, generate
 
-    return generate(model, prompt, n, stop_ids=[]).tokens
+    return generate(model, prompt, n, stop=Stop()).tokens
 
 
 def _check_against_transformers(model_dir, gguf_path, n_new: int, slm_atol: float | None = 1e-4):

@@ -81,7 +81,7 @@ def test_cli_generate_quantize(tiny_model_dir, capsys, kind):
 
 def test_quantize_int4_replaces_in_place_as_the_draft_copy_does(tiny_model_dir):
     from slm.quantize import Int4Linear, draft_copy, quantize_int4
-    from slm.weights import load_model
+    from slm.load import load_model
 
     model = load_model(tiny_model_dir)
     tokens = torch.tensor([[5, 9, 14, 2, 77, 31]])

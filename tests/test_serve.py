@@ -145,14 +145,14 @@ def test_sampling_is_reproducible_with_seed(server, request, model_dir, capsys):
 
 @pytest.mark.parametrize("server", ["plain", "drafted"])
 def test_concurrent_requests_joining_and_leaving_get_single_request_outputs(server, request, model_dir):
-    from slm.generate import generate
+    from slm.generate import Stop, generate
     from slm.tokenizer import Tokenizer
-    from slm.weights import load_model
+    from slm.load import load_model
 
     url, state = request.getfixturevalue(server)
     model, tok = load_model(model_dir), Tokenizer.load(model_dir)
     jobs = [(PROMPTS[i % 3] + " " * (i // 3), 15 + 17 * (i % 4), 0.03 * i) for i in range(7)]
-    want = [generate(model, tok.encode(p), n, stop_ids=sorted(state.stop_ids)).tokens for p, n, _ in jobs]
+    want = [generate(model, tok.encode(p), n, stop=Stop(tuple(sorted(state.stop_ids)))).tokens for p, n, _ in jobs]
     got = [None] * len(jobs)
     before = metric(url, 'slm:decode_steps_total{mode="batched"}')
 
@@ -278,9 +278,9 @@ def test_real_smollm2_greedy_parity_concurrent_with_draft():
     (speculatively), each token-identical to single-request greedy decoding."""
     from slm.assets import smollm2_gguf
     from slm.chat import apply_chat_template
-    from slm.generate import generate
+    from slm.generate import Stop, generate
     from slm.tokenizer import Tokenizer
-    from slm.weights import load_model, resolve_model_dir
+    from slm.load import load_model, resolve_model_dir
 
     gguf = smollm2_gguf()
     model_dir = resolve_model_dir(gguf)
@@ -290,7 +290,7 @@ def test_real_smollm2_greedy_parity_concurrent_with_draft():
     with server_thread(gguf, max_batch=2, draft="auto", ctx=512) as (url, state):
         stop = sorted(state.stop_ids)
         want = [generate(model, tok.encode(apply_chat_template(model_dir, [{"role": "user", "content": q}])), n,
-                         stop_ids=stop).tokens for q in questions]
+                         stop=Stop(tuple(stop))).tokens for q in questions]
         got = [None, None]
 
         def run(i):

@@ -9,7 +9,7 @@ import torch
 
 from conftest import randomize
 from slm.config import get_config
-from slm.generate import generate
+from slm.generate import Stop, generate
 from slm.model import Transformer
 from slm.sampling import SamplingParams
 
@@ -132,7 +132,7 @@ def test_joining_and_leaving_requests_get_their_single_request_output(draft, tem
     want = []
     for i, (prompt, m) in enumerate(specs):
         gen = torch.Generator().manual_seed(100 + i)
-        want.append(generate(model, prompt, m, SamplingParams(temperature=temperature), stop_ids=[],
+        want.append(generate(model, prompt, m, SamplingParams(temperature=temperature), stop=Stop(),
                              generator=gen).tokens)
     sched = _scheduler(model, max_batch=2, draft=NgramDraft() if draft else None)
     reqs = [_request(p, m, temperature, seed=100 + i) for i, (p, m) in enumerate(specs)]
@@ -177,7 +177,7 @@ def test_batched_verification_of_per_row_lookup_drafts():
     model = _tiny(4)
     g = torch.Generator().manual_seed(9)
     prompts = [torch.randint(3, 256, (k,), generator=g).tolist() * 4 for k in (3, 5)]  # repeats: lookups match
-    want = [generate(model, p, 30, stop_ids=[]).tokens for p in prompts]
+    want = [generate(model, p, 30, stop=Stop()).tokens for p in prompts]
     sched = _scheduler(model, max_batch=2, draft=NgramDraft())
     reqs = [_request(p, 30) for p in prompts]
     for r, _ in reqs:

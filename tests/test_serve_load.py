@@ -32,14 +32,14 @@ def model_dir(tmp_path_factory, tokenizer_dir):
 
 
 def _expected(model_dir):
-    from slm.generate import generate
+    from slm.generate import Stop, generate
     from slm.tokenizer import Tokenizer
-    from slm.weights import load_model
+    from slm.load import load_model
 
     model, tok = load_model(model_dir), Tokenizer.load(model_dir)
     model.setup_cache(max_seq_len=128)  # one cache for every prompt here
     stop = [tok.eos_id]
-    return {(p, n): tok.decode(generate(model, tok.encode(p), n, stop_ids=stop).tokens)
+    return {(p, n): tok.decode(generate(model, tok.encode(p), n, stop=Stop(tuple(stop))).tokens)
             for p in PROMPTS for n in LENGTHS}
 
 

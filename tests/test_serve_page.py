@@ -44,9 +44,9 @@ def test_page_streams_tokens_with_their_marks(browser, tmp_path, tokenizer_dir):
     from selenium.webdriver.support.ui import WebDriverWait
 
     from slm.chat import apply_chat_template
-    from slm.generate import generate
+    from slm.generate import Stop, generate
     from slm.tokenizer import Tokenizer
-    from slm.weights import load_model, resolve_model_dir
+    from slm.load import load_model, resolve_model_dir
 
     model_path = os.environ.get("SLM_SERVE_PAGE_MODEL") or make_serve_model(tmp_path / "tiny", tokenizer_dir)
     question = os.environ.get("SLM_SERVE_PAGE_PROMPT", "Write a Python function that adds two numbers.")
@@ -55,7 +55,7 @@ def test_page_streams_tokens_with_their_marks(browser, tmp_path, tokenizer_dir):
     model, tok = load_model(model_dir), Tokenizer.load(model_dir)
     prompt = tok.encode(apply_chat_template(model_dir, [{"role": "user", "content": question}]))
     stop = sorted({i for i in (model.config.eos_id, tok.eos_id) if i is not None})
-    want = generate(model, prompt, max_tokens, stop_ids=stop).tokens
+    want = generate(model, prompt, max_tokens, stop=Stop(tuple(stop))).tokens
 
     with server_thread(model_path, max_batch=2, draft="auto", ctx=1024) as (url, _):
         browser.get(url + "/")

@@ -49,12 +49,15 @@ class GenerationResult:
 class Stop:
     """When generation ends before its budget: at a stop token id (kept in the output, reason
     "eos"), or once the new text holds a stop string (reason "stop"), the `occurrences`-th one
-    counted (2: the closing fence of a ``` code block). Strings need the tokenizer to decode."""
+    counted (2: the closing fence of a ``` code block). Strings need the tokenizer to decode.
+    `interrupt`, if given, is asked after each token too: the caller's own reason to end early
+    (a server making room for a waiting request, a client that left), reason "stop"."""
 
     ids: tuple[int, ...] = ()
     strings: tuple[str, ...] = ()
     tokenizer: object = None
     occurrences: int = 1
+    interrupt: Callable[[list[int]], bool] | None = None
     # A string the newest token completes lies within the last few tokens: decode only those
     # (when one occurrence ends it; counting needs the whole text).
     window: int = 16
@@ -69,6 +72,8 @@ class Stop:
         """"eos", "stop" or None for the new tokens so far (checked after each token)."""
         if new[-1] in self.ids:
             return "eos"
+        if self.interrupt is not None and self.interrupt(new):
+            return "stop"
         if not self.strings:
             return None
         if self.occurrences == 1:

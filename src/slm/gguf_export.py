@@ -32,6 +32,8 @@ from slm.errors import SlmError
 from slm.gguf_import import (
     _BLOCK_NAMES, _BYTE, _CONTROL, _GLOBAL_NAMES, _LLAMA3_SPLIT, _NORMAL, _UNKNOWN, _UNUSED, _USER_DEFINED,
 )
+from slm.train.export import checkpoint_model
+from slm.weights import check_hf_state_dict, read_config, read_hf_state_dict, slm_to_hf
 
 DTYPES = ("f32", "f16", "q8_0", "q4_0")
 
@@ -224,8 +226,6 @@ def write_gguf(
     """Write Hugging Face-named fp32 tensors and a tokenizer directory as a llama GGUF, atomically."""
     from gguf import GGML_QUANT_VERSION, GGUFWriter, LlamaFileType
 
-    from slm.weights import check_hf_state_dict
-
     if dtype not in DTYPES:
         raise SlmError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     check_hf_state_dict(hf_state, config, "model to export")
@@ -281,8 +281,6 @@ def export_gguf(
     tokenizer_dir: str | os.PathLike | None = None, progress: bool | None = None,
 ) -> Path:
     """A model directory, a training run directory or one checkpoint -> a GGUF file."""
-    from slm.weights import read_config, read_hf_state_dict, slm_to_hf
-
     source = Path(source)
     if progress is None:
         progress = sys.stderr.isatty()
@@ -291,8 +289,6 @@ def export_gguf(
         hf_state = read_hf_state_dict(source, dtype=torch.float32)
         tok_dir = Path(tokenizer_dir) if tokenizer_dir else source
     else:  # a run or checkpoint: the export to a model directory does the checks
-        from slm.train.export import checkpoint_model
-
         model, tok_dir = checkpoint_model(source, tokenizer_dir)
         config, hf_state = model.config, slm_to_hf(model.state_dict(), model.config)
     name = source.resolve().name

@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="tokens per request, prompt + output (default min(model context, 4096)); "
                    "the KV cache holds max-batch x ctx positions")
     p.add_argument("--api-key", default=None, metavar="KEY", help="require 'Authorization: Bearer KEY'")
-    p.add_argument("--quantize", choices=["int8"], default=None, help="run the model with int8 weights")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="run the model with int8 weights, or int4 decoder layers with an int8 lm_head")
     p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
     add_threads_argument(p)
     p.set_defaults(func=_serve)

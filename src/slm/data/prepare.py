@@ -44,6 +44,7 @@ from slm.data.shards import ShardWriter, token_dtype
 from slm.data.sources import Doc, ReadOptions, Skip, SourceSpec, WorkUnit, name_sources, plan_units, read_unit
 from slm.errors import SlmError
 from slm.paths import file_sha256
+from slm.tokenizer import Tokenizer
 
 SPLITS = ("train", "val")
 _SHARD_NAME = re.compile(r"^[A-Za-z0-9_]+\.(train|val)\.\d{5}\.bin$")
@@ -86,8 +87,6 @@ def _init_worker(tokenizer_path: str, read: ReadOptions, val_fraction: float) ->
         return  # set up in the parent before the pool forked (see `_results`)
     # One tokenizer per process; its own threads would only fight the other workers.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from slm.tokenizer import Tokenizer
-
     tok = Tokenizer.load(tokenizer_path)
     tok.parse_special_tokens(False)  # a document quoting "</s>" is text, not an EOS
     tok.threads = 1
@@ -291,8 +290,6 @@ class _SourceStats:
 
 def prepare(cfg: PrepareConfig) -> dict:
     """Run the pipeline; returns the manifest (also written to OUT/manifest.json)."""
-    from slm.tokenizer import Tokenizer
-
     if cfg.seq_len < 1:
         raise SlmError(f"--seq-len must be >= 1, got {cfg.seq_len}")
     if not 0 <= cfg.val_fraction < 1:

@@ -4,18 +4,14 @@ The scheduler (`slm.serve.scheduler`) owns one static KV cache of `max_batch` ro
 holds one row. Two ways to advance requests, both exact:
 
 - `run_alone`: while exactly one request is active, it is decoded by the library's own
-  single-request path on its row (`slm.generate.generate`, or
-  `slm.speculative.speculative_generate` when the server has a draft), so its output is the one
-  `slm generate` gives. The library re-prefills the context it is handed (its API starts from a
-  prompt), and it stops, via `should_stop`, as soon as another request is waiting to join.
+  single-request path on its row (`slm.generate.generate`, with the server's draft if it has one),
+  so its output is the one `slm generate` gives. The library re-prefills the context it is handed
+  (its API starts from a prompt), and it stops, via `Stop.interrupt`, as soon as another request is
+  waiting to join.
 - `prefill_row` + `decode_rows`: with two or more requests, one forward over all their rows per
   step, each row at its own positions (`Transformer.forward` with input_pos of shape (B, T)). With a
   draft, greedy rows also carry up to `BATCH_LOOKUP_K` prompt-lookup draft tokens (`lookup`),
   verified per row (`accept`, the library's `verify_greedy`): batched verification, per-row acceptance.
-
-When the library gains one `generate(model, prompt, ..., draft=..., on_token=(id, from_draft))`
-entry point, only `run_alone` changes: call it instead of the two functions and drop
-`_Provenance`, which recovers from_draft from the draft's proposals today.
 """
 
 from __future__ import annotations
@@ -25,10 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
-from slm.generate import generate, prefill
+from slm.generate import Stop, generate
 from slm.model import KVCache, Transformer
+from slm.pack import pack
 from slm.sampling import SamplingParams, next_token
-from slm.speculative import Draft, NgramDraft, speculative_generate, verify_greedy
+from slm.speculative import Draft, NgramDraft, Plan, verify_greedy
 
 GREEDY = SamplingParams()
 # Draft tokens per row in a batched step (prompt lookup after a match of 2+ tokens, greedy rows).
@@ -52,38 +49,6 @@ class RowCaches:
             layer.attention.kv_cache = cache
 
 
-class _Provenance(Draft):
-    """Wraps a draft to tell, for each token the engine emits, whether it was a draft token the
-    target accepted. A round emits the accepted prefix of its proposal and then one token of the
-    target's own (never equal to the rejected proposal: greedy would have accepted it, and the
-    rejection-sampling residual gives it probability 0)."""
-
-    def __init__(self, inner: Draft):
-        self.inner, self.proposed, self.i = inner, [], 0
-
-    def reset(self, length: int) -> None:
-        self.inner.reset(length)
-        self.proposed, self.i = [], 0
-
-    def max_tokens(self, context_len: int) -> int:
-        return self.inner.max_tokens(context_len)
-
-    def check_target(self, target) -> None:
-        self.inner.check_target(target)
-
-    def propose(self, context, k, sampling, generator=None):
-        proposal = self.inner.propose(context, k, sampling, generator)
-        self.proposed, self.i = proposal.tokens, 0
-        return proposal
-
-    def from_draft(self, token: int) -> bool:
-        drafted = self.i < len(self.proposed) and self.proposed[self.i] == token
-        self.i += 1
-        if not drafted:  # the round's own token ends it
-            self.proposed, self.i = [], 0
-        return drafted
-
-
 @dataclass
 class SpecCounts:
     """Speculation counters of one run (vLLM/llama.cpp's spec_decode metrics)."""
@@ -101,7 +66,8 @@ class Decoder:
                  draft_tokens: int | str = "auto"):
         self.model, self.ctx = model, ctx
         self.caches = RowCaches(model, max_batch, ctx)
-        self.draft = _Provenance(draft) if draft is not None else None
+        pack(model)  # the batched steps run on the same fast small-batch kernels as `generate`
+        self.draft = draft
         self.draft_tokens = draft_tokens
         self.device = model.tok_embeddings.weight.device
         self.lookups: dict[str, NgramDraft] = {}
@@ -114,25 +80,21 @@ class Decoder:
         `should_stop` says so (with the draft if there is one and `speculate`). Afterwards the row
         caches context[:-1] (the last token is pending)."""
         self.caches.bind(self.caches.row[row])
-        if self.draft is None or not speculate:
-            generate(self.model, context, max_new, sampling, stop_ids=stop_ids, generator=generator,
-                     should_stop=should_stop, on_token=lambda t: on_token(t, False))
-            return SpecCounts()
-        draft = self.draft
-        result = speculative_generate(
-            self.model, draft, context, max_new, sampling, draft_tokens=self.draft_tokens, stop_ids=stop_ids,
-            generator=generator, should_stop=should_stop, on_token=lambda t: on_token(t, draft.from_draft(t)),
+        result = generate(
+            self.model, context, max_new, sampling, draft=self.draft if speculate else None,
+            draft_tokens=self.draft_tokens, stop=Stop(ids=tuple(sorted(stop_ids)), interrupt=should_stop),
+            on_token=on_token, generator=generator,
         )
         s = result.stats
-        rounds = s["accepted_per_round"]
-        per_pos = [sum(1 for a in rounds if a > i) for i in range(max(rounds, default=0))]
-        return SpecCounts(len(rounds), s["drafted_tokens"], s["accepted_tokens"], per_pos)
+        return SpecCounts(len(s["accepted_per_round"]), s["draft_n"], s["draft_n_accepted"], s["accepted_per_pos"])
 
     @torch.inference_mode()
     def prefill_row(self, row: int, tokens: list[int], start: int) -> torch.Tensor:
         """Write tokens at positions start.. of one row -> the last position's logits (V,)."""
         self.caches.bind(self.caches.row[row])
-        return prefill(self.model, torch.tensor(tokens, device=self.device), start)
+        ids = torch.tensor(tokens, device=self.device).view(1, -1)  # (1, T)
+        pos = torch.arange(start, start + len(tokens), device=self.device)  # (T,)
+        return self.model(ids, pos, logits_to_keep=1)[0, -1]
 
     @torch.inference_mode()
     def decode_rows(self, tokens: list[list[int]], starts: list[int]) -> torch.Tensor:
@@ -155,7 +117,8 @@ class Decoder:
         if self.draft is None or k <= 0:
             return []
         ngram = self.lookups.setdefault(key, NgramDraft(min_ngram=2))
-        return ngram.propose(context, k, GREEDY).tokens
+        offers = ngram.offers(context)
+        return ngram.propose(context, Plan(offers[0], k), GREEDY).tokens if offers else []
 
     def forget(self, key: str) -> None:
         self.lookups.pop(key, None)

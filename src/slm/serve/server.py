@@ -5,20 +5,21 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from slm.chat import apply_chat_template, load_chat_template
 from slm.errors import SlmError
+from slm.generate import stop_ids_for
+from slm.load import load_draft, load_model, resolve_model_dir
+from slm.quantize import QUANTIZERS
 from slm.serve.app import ServerState, create_app
 from slm.serve.decoding import Decoder
 from slm.serve.metrics import Metrics
 from slm.serve.scheduler import Scheduler
+from slm.tokenizer import Tokenizer
 
 
 def build_state(model_path: str | os.PathLike, *, draft: str | None = None, draft_tokens: int | str = "auto",
                 max_batch: int = 8, max_queue: int = 64, ctx: int | None = None, api_key: str | None = None,
                 quantize: str | None = None) -> ServerState:
-    from slm.chat import apply_chat_template, load_chat_template
-    from slm.tokenizer import Tokenizer
-    from slm.weights import load_model, resolve_model_dir
-
     if max_batch < 1:
         raise SlmError(f"--max-batch must be >= 1, got {max_batch}")
     if max_queue < 0:
@@ -32,20 +33,16 @@ def build_state(model_path: str | os.PathLike, *, draft: str | None = None, draf
     ctx = ctx or min(full, 4096)
     loaded_draft = None
     if draft is not None:
-        from slm.speculative import load_draft
-
         loaded_draft = load_draft(draft, target=model, target_dir=model_dir)  # before quantizing the target
-    if quantize == "int8":
-        from slm.quantize import quantize_int8
-
-        quantize_int8(model)
+    if quantize:
+        QUANTIZERS[quantize](model)
     metrics = Metrics()
     decoder = Decoder(model, max_batch, ctx, loaded_draft, draft_tokens)
     scheduler = Scheduler(decoder, max_batch, max_queue, metrics)
     render = None
     if load_chat_template(model_dir) is not None:
         render = lambda messages: apply_chat_template(model_dir, messages)  # noqa: E731
-    stop_ids = frozenset(i for i in {model.config.eos_id, tokenizer.eos_id} if i is not None)
+    stop_ids = frozenset(stop_ids_for(model, tokenizer))
     return ServerState(name=Path(model_path).name, tokenizer=tokenizer, vocab_size=model.config.vocab_size, ctx=ctx,
                        stop_ids=stop_ids, scheduler=scheduler, metrics=metrics, render_chat=render, api_key=api_key,
                        draft=draft)
