@@ -18,7 +18,7 @@ LAYERS = [
     ("weights", ["slm.weights", "slm.pack", "slm.quantize", "slm.gguf_import"]),
     ("inference", ["slm.speculative", "slm.generate", "slm.load"]),
     ("data", ["slm.data"]),
-    ("train and eval", ["slm.train", "slm.eval"]),
+    ("train and eval", ["slm.train", "slm.eval", "slm.distill"]),
     ("demo", ["slm.demo"]),
     ("cli", ["slm.cli", "slm.__main__"]),
 ]

@@ -50,10 +50,12 @@ def humaneval_keys(problems_path: str | os.PathLike | None = None) -> tuple[set[
 
 
 def is_humaneval(text: str, keys: tuple[set[str], set[str]]) -> bool:
-    """True if `text` holds a HumanEval prompt or docstring (whitespace ignored)."""
+    """True if `text` holds a HumanEval prompt or docstring, or is part of a prompt (a helper
+    function a prompt defines), whitespace ignored."""
     s = _squash(text)
     prompts, docs = keys
-    return any(k in s for k in prompts) or any(k in s for k in docs if len(k) >= 40)
+    return (any(k in s for k in prompts) or any(k in s for k in docs if len(k) >= 40)
+            or (len(s) >= 40 and any(s in k for k in prompts)))
 
 
 def default_source() -> Path:
