@@ -220,3 +220,36 @@ def test_bad_draft_dirs_are_one_line_errors(tmp_path, corpus, tokenizer_dir):
     (out / "draft_head.json").write_text("{not json")
     with pytest.raises(SlmError, match="cannot read the draft head's config"):
         load_draft(str(out), target)
+
+
+# --- sampling stays exact with a trimmed vocabulary ----------------------------------------------
+
+
+@pytest.mark.parametrize("taps", [None, ()], ids=["features", "standalone"])
+def test_sampling_with_a_distilled_draft_matches_the_target_distribution(taps):
+    from test_speculative_sampling import PROMPT, V, _model, chi2_pvalue, exact_distributions, sample_runs
+
+    target = _model(0)
+    head = _head(target, 5, taps, seed=3)  # the draft can propose only 5 of the 8 tokens
+    with torch.no_grad():
+        head.output.weight.mul_(20.0)  # a confident, mostly wrong draft
+    draft = FeatureDraft(head, target)
+    sampling = SamplingParams(temperature=1.0)
+    joint12, p3 = exact_distributions(target, sampling)
+    c12, c3, acceptance = sample_runs(target, draft, sampling, draft_tokens=2)
+    assert 0.05 < acceptance < 0.9
+    assert chi2_pvalue(c12, joint12) > 1e-3
+    assert chi2_pvalue(c3, p3) > 1e-3
+    # The tokens outside the draft vocabulary still come out as often as the target says.
+    outside = sorted(set(range(V)) - set(head.d2t.tolist()))
+    assert c12.sum(1)[outside].sum() > 0
+    draft.close()
+
+
+def test_cli_distill_bad_target_is_one_line(tmp_path, capsys):
+    from slm.cli import main
+
+    assert main(["distill", str(tmp_path / "nope"), "--out", str(tmp_path / "d"), "--minutes", "0.1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no such file" in err[0]
+    assert main(["distill", str(tmp_path), "--out", str(tmp_path / "d"), "--minutes", "-1"]) == 2

@@ -91,7 +91,7 @@ def make_samples(model, model_dir: Path, tokenizer: Tokenizer, cfg: DistillConfi
     g = torch.Generator().manual_seed(cfg.seed)
     bar = tqdm(desc="target answers", unit="tok", file=sys.stderr, dynamic_ncols=True, leave=False)
     samples = answer_all(model, ids, cfg.max_new_tokens, sampling, stop_ids_for(model, tokenizer),
-                         cfg.gen_batch_size, seconds, g, bar.update)
+                         cfg.gen_batch_size, seconds, g, bar.update, cfg.seed)
     bar.close()
     return samples
 

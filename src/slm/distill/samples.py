@@ -14,6 +14,7 @@ concatenated, their offsets and prompt lengths), so a resumed run does not gener
 from __future__ import annotations
 
 import os
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -99,15 +100,19 @@ def answer_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: i
 
 def answer_all(model, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingParams,
                stop_ids: tuple[int, ...], batch_size: int = 16, seconds: float | None = None,
-               generator: torch.Generator | None = None, progress: Callable[[int], None] | None = None) -> Samples:
-    """Answer prompts (shortest first, in batches) until done or `seconds` have passed."""
+               generator: torch.Generator | None = None, progress: Callable[[int], None] | None = None,
+               seed: int = 0) -> Samples:
+    """Answer prompts in batches of similar length (taken in a seeded random order, so that a time
+    budget does not keep only the shortest) until done or `seconds` have passed."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    random.Random(seed).shuffle(batches)
     seqs, plens = [], []
     t0 = time.perf_counter()
-    for i in range(0, len(order), batch_size):
+    for rows in batches:
         if seconds is not None and time.perf_counter() - t0 > seconds and seqs:
             break
-        batch = [prompts[j] for j in order[i : i + batch_size]]
+        batch = [prompts[j] for j in rows]
         if isinstance(model, Transformer):
             answers = answer_batch(model, batch, max_new_tokens, sampling, stop_ids, generator)
         else:

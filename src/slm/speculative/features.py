@@ -58,9 +58,16 @@ class FeatureTap:
         self.buffer: torch.Tensor | None = None  # (S, n_taps * d) by position, while decoding
         self.captured: list[torch.Tensor | None] = [None] * len(self.layers)
         self._pos: torch.Tensor | None = None
-        blocks = decoder_layers(model)
-        self.handles = [model.register_forward_pre_hook(self._on_model, with_kwargs=True)]
-        self.handles += [blocks[i].register_forward_hook(self._hook(slot)) for slot, i in enumerate(self.layers)]
+        self.blocks = decoder_layers(model)
+        self.handles = []
+        self.attach()
+
+    def attach(self) -> None:
+        """Install the hooks (again, after `remove`)."""
+        if self.handles:
+            return
+        self.handles = [self.model.register_forward_pre_hook(self._on_model, with_kwargs=True)]
+        self.handles += [self.blocks[i].register_forward_hook(self._hook(slot)) for slot, i in enumerate(self.layers)]
 
     def _on_model(self, module, args, kwargs):
         self._pos = _positions(module, args, kwargs)
@@ -108,6 +115,7 @@ class FeatureDraft(Draft):
     def reset(self, length: int) -> None:
         self.head.setup_cache(length)
         if self.tap is not None:
+            self.tap.attach()  # after a `close`, the draft works again
             w = input_embedding(self.target_model)
             self.tap.start(length, self.head.config.dim, self.head.wqkv.weight.dtype, w.device)
         self.fed = 0
@@ -159,6 +167,7 @@ class FeatureDraft(Draft):
                         catchup_tokens=0 if steady else n - 1 - start, catchup_seconds=0.0 if steady else t1 - t0)
 
     def close(self) -> None:
+        """Take the hooks off the target (other decoding on it then pays nothing for this draft)."""
         if self.tap is not None:
             self.tap.remove()
 
