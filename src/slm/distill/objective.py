@@ -48,7 +48,15 @@ def depth_weights(depth: int, decay: float = 0.8) -> list[float]:
 
 
 def head_loss(head: FeatureHead, target, tap: FeatureTap | None, batch: Batch, depth: int) -> tuple[torch.Tensor, dict]:
-    """-> (loss, stats: per-depth agreement counts, positions, mass the draft vocabulary misses)."""
+    """-> (loss, stats: per-depth agreement counts, positions, mass the draft vocabulary misses).
+    On a GPU, bf16 autocast (the head's weights and the loss stay fp32)."""
+    device = head.d2t.device
+    batch = Batch(batch.tokens.to(device), batch.answer.to(device))
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return _head_loss(head, target, tap, batch, depth)
+
+
+def _head_loss(head: FeatureHead, target, tap: FeatureTap | None, batch: Batch, depth: int) -> tuple[torch.Tensor, dict]:
     with torch.no_grad():
         taps, logits = target_features(target, tap, batch.tokens)  # (B, T, n*d), (B, T, V)
         logp = torch.log_softmax(logits[:, 1:], -1)  # (B, T-1, V): label of head position t is at t+1
@@ -57,7 +65,7 @@ def head_loss(head: FeatureHead, target, tap: FeatureTap | None, batch: Batch, d
         mask = batch.answer[:, 2:]  # (B, T-2): head position t predicts x_{t+2}
     inputs = taps[:, :-1] if taps is not None else None  # head positions 0..T-2
     outs = head.unroll(inputs, batch.tokens[:, 1:], depth)  # each (B, T-1, d)
-    total = torch.zeros(())
+    total = torch.zeros((), device=batch.tokens.device)
     stats = {"agree": [], "counted": [], "mass_out": 0.0}
     weights = depth_weights(len(outs))
     for j, (h, w) in enumerate(zip(outs, weights)):

@@ -54,6 +54,7 @@ class DistillConfig:
     train: TrainSettings = field(default_factory=lambda: TrainSettings(seconds=0.0))
     snapshot_minutes: tuple[float, ...] = ()  # also save the head after these training minutes (the curve)
     seed: int = 0
+    device: str = "cpu"  # where the target answers and the head trains ("cuda" on a GPU)
 
     def __post_init__(self) -> None:
         if not self.minutes > 0:
@@ -116,7 +117,7 @@ def distill(target: str | os.PathLike, out: str | os.PathLike, config: DistillCo
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     model, model_dir = load_any(target)
-    model.eval().requires_grad_(False)
+    model.to(cfg.device).eval().requires_grad_(False)
     tokenizer = Tokenizer.load(model_dir)
     shape = target_shape(model)
 
@@ -135,6 +136,7 @@ def distill(target: str | os.PathLike, out: str | os.PathLike, config: DistillCo
     head = FeatureHead(head_cfg, input_embedding(model))
     head.init_weights(torch.Generator().manual_seed(cfg.seed))
     head.d2t = d2t
+    head.to(cfg.device)
     tap = FeatureTap(model, head_cfg.tap_layers) if head_cfg.features else None
     pad = tokenizer.eos_id if tokenizer.eos_id is not None else 0
 
@@ -162,6 +164,7 @@ def distill(target: str | os.PathLike, out: str | os.PathLike, config: DistillCo
         "target": str(target), "samples": len(samples.sequences), "answer_tokens": samples.answer_tokens,
         "draft_vocab": len(d2t), "vocab_coverage": round(coverage(test_samples, d2t), 4),
         "steps": result["steps"], "trained_seconds": result["trained_seconds"],
+        "train_tokens_per_s": round(result["train_tokens"] / max(result["trained_seconds"], 1e-9), 1),
         "total_seconds": round(time.perf_counter() - t_start, 1),
         "acceptance_by_depth": [round(a, 4) for a in per_depth],
         "chain_acceptance": round(chain_acceptance(per_depth), 4) if per_depth else None,

@@ -74,7 +74,7 @@ def train_head(
     `state` (what the run was made from) must match a checkpoint's to resume it."""
     params = [p for p in head.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.lr, betas=(0.9, 0.95), weight_decay=settings.weight_decay)
-    step, trained, log = 0, 0.0, []
+    step, trained, log, tokens = 0, 0.0, [], 0
     latest = latest_checkpoint(run_dir)
     if latest is not None:
         ckpt = load_checkpoint(latest)
@@ -84,6 +84,7 @@ def train_head(
         opt.load_state_dict(ckpt.optimizer)
         restore_rng(ckpt.rng[0])
         step, trained, log = ckpt.step, ckpt.state["trained_seconds"], ckpt.state["log"]
+        tokens = ckpt.state.get("train_tokens", 0)
     rng = random.Random(settings.seed + step)
     batches = _batches(samples, settings, rng, pad_id)
     head.train()
@@ -101,6 +102,7 @@ def train_head(
         torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
         opt.step()
         step += 1
+        tokens += batch.tokens.numel()
         dt = time.perf_counter() - t0
         trained += dt
         bar.update(min(round(trained), round(settings.seconds)) - bar.n)
@@ -113,8 +115,8 @@ def train_head(
         if time.perf_counter() - last_ckpt > settings.checkpoint_every_s or trained >= settings.seconds:
             head_state = {k: v for k, v in head.state_dict().items()}
             save_checkpoint(run_dir, step, head_state, opt.state_dict(), [capture_rng()],
-                            {"made_from": state, "trained_seconds": trained, "log": log}, settings.keep_last)
+                            {"made_from": state, "trained_seconds": trained, "log": log, "train_tokens": tokens}, settings.keep_last)
             last_ckpt = time.perf_counter()
     bar.close()
     head.eval()
-    return {"steps": step, "trained_seconds": round(trained, 1), "log": log}
+    return {"steps": step, "trained_seconds": round(trained, 1), "log": log, "train_tokens": tokens}

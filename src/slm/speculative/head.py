@@ -127,7 +127,7 @@ class FeatureHead(nn.Module):
 
     def _input(self, tokens: torch.Tensor, feature: torch.Tensor | None) -> torch.Tensor:
         """tokens (B, T) next-token ids; feature (B, T, d) or None -> layer input (B, T, d)."""
-        e = self.emb_norm(F.embedding(tokens, self.embedding))
+        e = self.emb_norm(F.embedding(tokens, self.embedding).to(self.fuse.weight.dtype))
         return self.fuse(torch.cat([e, self.feat_norm(feature)], -1) if self.fc is not None else e)
 
     def _qkv(self, x: torch.Tensor, positions: torch.Tensor):
@@ -273,4 +273,4 @@ def load_head(path: str | os.PathLike, embedding: torch.Tensor) -> FeatureHead:
     if d2t.numel() and not (0 <= int(d2t.min()) and int(d2t.max()) < config.target_vocab):
         raise SlmError(f"{f}: d2t maps outside the target's vocabulary")
     head.load_state_dict(state)
-    return head.eval()
+    return head.to(embedding.device).eval()
