@@ -20,7 +20,7 @@ import torch
 from slm.errors import SlmError
 from slm.model import Transformer
 from slm.sampling import SamplingParams, logits_to_probs, sample
-from slm.speculative.drafts import Draft, Proposal
+from slm.speculative.drafts import Draft, Proposal, roll_out, timed_proposal
 from slm.speculative.head import FeatureHead
 from slm.speculative.lm import is_transformers_model
 from slm.speculative.schedule import Offer, Plan
@@ -153,18 +153,10 @@ class FeatureDraft(Draft):
         h = head.step(context[start + 1 : n], start, feature)[-1]  # (d,): predicts x_n
         self.fed = n - 1
         t1 = time.perf_counter()
-        tokens, probs = [], []
-        for i in range(k):
-            tok, q = self._pick(h, sampling, generator)
-            tokens.append(tok)
-            probs.append(q)
-            if i + 1 < k:  # position n-1+i reads token d_{i+1} and its own previous output
-                h = head.step([tok], n - 1 + i, h[None] if head.config.features else None)[-1]
-        t2 = time.perf_counter()
-        spent, steps = (t2 - t0, k) if steady else (t2 - t1, k - 1)
-        return Proposal(tokens, None if sampling.greedy else torch.stack(probs), forwards=k,
-                        step_seconds=spent / steps if steps > 0 else None,
-                        catchup_tokens=0 if steady else n - 1 - start, catchup_seconds=0.0 if steady else t1 - t0)
+        # position n-1+i reads token d_{i+1} and the head's own previous output
+        tokens, probs = roll_out(h, k, lambda hh: self._pick(hh, sampling, generator),
+                                 lambda hh, tok, i: head.step([tok], n - 1 + i, hh[None] if head.config.features else None)[-1])
+        return timed_proposal(tokens, probs, sampling, (t0, t1, time.perf_counter()), steady, n - 1 - start)
 
     def close(self) -> None:
         """Take the hooks off the target (other decoding on it then pays nothing for this draft)."""
