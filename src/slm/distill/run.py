@@ -122,10 +122,12 @@ def distill(target: str | os.PathLike, out: str | os.PathLike, config: DistillCo
     shape = target_shape(model)
 
     samples_path = out / SAMPLES_FILE
-    if samples_path.is_file():
+    if samples_path.is_file():  # a resumed run: the samples and what they cost are the first run's
         samples = Samples.load(samples_path)
     else:
+        t_gen = time.perf_counter()
         samples = make_samples(model, model_dir, tokenizer, cfg, cfg.minutes * 60 * cfg.generate_share)
+        samples.seconds = time.perf_counter() - t_gen
         samples.save(samples_path)
     train_samples, test_samples = split(samples, cfg.held_out)
     if not train_samples.sequences:
@@ -140,8 +142,8 @@ def distill(target: str | os.PathLike, out: str | os.PathLike, config: DistillCo
     tap = FeatureTap(model, head_cfg.tap_layers) if head_cfg.features else None
     pad = tokenizer.eos_id if tokenizer.eos_id is not None else 0
 
-    spent = time.perf_counter() - t_start
-    settings = dataclasses.replace(cfg.train, seconds=max(cfg.minutes * 60 - spent, 1.0), seed=cfg.seed)
+    # The budget covers the samples (whenever they were made) and training; loading is not counted.
+    settings = dataclasses.replace(cfg.train, seconds=max(cfg.minutes * 60 - samples.seconds, 1.0), seed=cfg.seed)
     made_from = {"head": dataclasses.asdict(head_cfg) | {"tap_layers": list(head_cfg.tap_layers)},
                  "samples": len(samples.sequences), "answer_tokens": samples.answer_tokens,
                  "settings": dataclasses.asdict(dataclasses.replace(settings, seconds=0.0))}
@@ -165,7 +167,7 @@ def distill(target: str | os.PathLike, out: str | os.PathLike, config: DistillCo
         "draft_vocab": len(d2t), "vocab_coverage": round(coverage(test_samples, d2t), 4),
         "steps": result["steps"], "trained_seconds": result["trained_seconds"],
         "train_tokens_per_s": round(result["train_tokens"] / max(result["trained_seconds"], 1e-9), 1),
-        "total_seconds": round(time.perf_counter() - t_start, 1),
+        "generate_seconds": round(samples.seconds, 1), "total_seconds": round(time.perf_counter() - t_start, 1),
         "acceptance_by_depth": [round(a, 4) for a in per_depth],
         "chain_acceptance": round(chain_acceptance(per_depth), 4) if per_depth else None,
         "held_out_samples": len(test_samples.sequences),

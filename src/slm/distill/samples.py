@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from slm.atomic import replace_file, tmp_name
@@ -35,6 +35,7 @@ from slm.sampling import SamplingParams, next_token
 class Samples:
     sequences: list[list[int]]  # prompt + the target's answer
     prompt_lens: list[int]
+    seconds: float = 0.0  # what making them cost (prompts and answers): part of a run's time budget
 
     def answers(self) -> list[list[int]]:
         return [s[p:] for s, p in zip(self.sequences, self.prompt_lens)]
@@ -50,7 +51,8 @@ class Samples:
             offsets.append(offsets[-1] + len(s))
         tmp = tmp_name(Path(path))
         save_file({"tokens": torch.tensor(flat, dtype=torch.int64), "offsets": torch.tensor(offsets),
-                   "prompt_lens": torch.tensor(self.prompt_lens, dtype=torch.int64)}, str(tmp))
+                   "prompt_lens": torch.tensor(self.prompt_lens, dtype=torch.int64)}, str(tmp),
+                  metadata={"seconds": repr(self.seconds)})
         replace_file(tmp, path)
 
     @classmethod
@@ -58,11 +60,13 @@ class Samples:
         try:
             t = load_file(str(path))
             flat, offsets, plens = t["tokens"].tolist(), t["offsets"].tolist(), t["prompt_lens"].tolist()
-        except (SafetensorError, OSError, KeyError) as e:
+            with safe_open(str(path), framework="pt") as f:
+                seconds = float((f.metadata() or {}).get("seconds", 0.0))
+        except (SafetensorError, OSError, KeyError, ValueError) as e:
             raise SlmError(f"{path}: cannot read distillation samples ({e})") from None
         if len(offsets) != len(plens) + 1 or offsets[-1] != len(flat):
             raise SlmError(f"{path}: distillation samples are inconsistent (offsets vs tokens)")
-        return cls([flat[a:b] for a, b in zip(offsets, offsets[1:])], plens)
+        return cls([flat[a:b] for a, b in zip(offsets, offsets[1:])], plens, seconds)
 
 
 @torch.inference_mode()
