@@ -105,11 +105,16 @@ def answer_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: i
 def answer_all(model, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingParams,
                stop_ids: tuple[int, ...], batch_size: int = 16, seconds: float | None = None,
                generator: torch.Generator | None = None, progress: Callable[[int], None] | None = None,
-               seed: int = 0) -> Samples:
+               seed: int = 0, max_spread: int = 32) -> Samples:
     """Answer prompts in batches of similar length (taken in a seeded random order, so that a time
     budget does not keep only the shortest) until done or `seconds` have passed."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    for i in order:  # a batch's rows differ by at most `max_spread` prompt tokens (each a forced step)
+        if batches and len(batches[-1]) < batch_size and len(prompts[i]) - len(prompts[batches[-1][0]]) <= max_spread:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
     random.Random(seed).shuffle(batches)
     seqs, plens = [], []
     t0 = time.perf_counter()
