@@ -284,3 +284,21 @@ def test_real_smollm2_greedy_output_is_unchanged_by_a_head():
         got = generate(model, prompt, 24, SamplingParams(), draft=d, draft_tokens=3)
         assert got.tokens == ref and got.stats["draft_n"] > 0
     draft.close()
+
+
+def test_cli_distill_writes_a_draft_generate_takes(tmp_path, corpus, tokenizer_dir, capsys):
+    from slm.cli import main
+
+    target_dir = make_model_dir(tmp_path / "target", tokenizer_dir, seed=2)
+    out = tmp_path / "draft"
+    assert main(["distill", str(target_dir), "--out", str(out), "--minutes", "0.1", "--prompts", str(corpus),
+                 "--draft-vocab", "40", "--max-new-tokens", "8", "--batch-size", "2", "--seq-len", "32",
+                 "--depth", "2", "--threads", "1"]) == 0
+    report = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert report["draft_vocab"] == 40 and report["samples"] == 3
+    for draft in (str(out), f"auto:{out}"):
+        assert main(["generate", str(target_dir), "--prompt", "def add(a, b):", "--max-new-tokens", "12"]) == 0
+        plain = capsys.readouterr().out
+        assert main(["generate", str(target_dir), "--prompt", "def add(a, b):", "--max-new-tokens", "12",
+                     "--draft", draft, "--draft-tokens", "3"]) == 0
+        assert capsys.readouterr().out == plain
