@@ -86,11 +86,12 @@ def answer_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: i
     done = [False] * len(prompts)
     for pos in range(start, total):
         column = []
+        best = logits.argmax(-1).tolist() if sampling.greedy else None  # one call for the batch
         for b, p in enumerate(prompts):
             if pos < lens[b]:
                 column.append(p[pos])  # still in its prompt
                 continue
-            tok = int(next_token(logits[b].float(), sampling, generator))
+            tok = best[b] if best is not None else int(next_token(logits[b].float(), sampling, generator))
             if not done[b]:
                 new[b].append(tok)
                 done[b] = tok in stop_ids or len(new[b]) >= max_new_tokens
