@@ -420,6 +420,7 @@ def part_real(args, target, model_dir, tokenizer, tmp: Path) -> list[dict]:
         f"slm int4 K={k}": ours_spec(target, drafts["int4"], n, k),
         "slm int4 auto": ours_spec(target, drafts["int4"], n, "auto"),
         "slm auto auto": ours_spec(target, drafts["auto"], n, "auto"),  # lookup, else the int4 copy
+        **distilled_engines(args, target, n, k),
     }
     if args.hf_int8:
         hf_q = torch.ao.quantization.quantize_dynamic(
@@ -441,6 +442,8 @@ def part_real(args, target, model_dir, tokenizer, tmp: Path) -> list[dict]:
             drafted = sum(s["draft_n"] for s in st)
             row["acceptance"] = round(sum(s["draft_n_accepted"] for s in st) / max(drafted, 1), 3)
             row["mean_k"] = round(statistics.mean(s["mean_k"] for s in st), 2)
+            if "distilled" in name:
+                row.update(distilled_row_extras(res, name, len(prompts), n))
         hf_peer = {"ngram": f"hf ngram K={k}", "int8": f"hf dyn-int8 K={k}", "int4": f"hf dyn-int8 K={k}",
                    "auto": f"hf ngram K={k}"}.get(name.split()[1] if eng == "slm" else "")
         if hf_peer in res:
@@ -518,6 +521,53 @@ def part_real_llamacpp(args, target, model_dir, tokenizer, tmp: Path) -> list[di
     return rows
 
 
+# --- distilled drafts (slm distill): rows of part 2 ----------------------------------------------
+
+
+def distilled_engines(args, target, n: int, k: int) -> dict:
+    """Part 2 rows for a distilled draft (--distilled DIR): alone at K and auto, and behind prompt
+    lookup (auto:DIR, the way `auto` combines lookup with the int4 copy)."""
+    if not args.distilled:
+        return {}
+    from slm.load import load_draft
+
+    alone, hybrid = load_draft(args.distilled, target), load_draft(f"auto:{args.distilled}", target)
+    feature_drafts = (alone, hybrid.model)
+
+    def closing(run):
+        def fn(p):
+            try:
+                return run(p)
+            finally:  # the hooks come off, so the other engines' target forwards pay nothing for them
+                for d in feature_drafts:
+                    d.close()
+        return fn
+
+    return {
+        f"slm distilled K={k}": closing(ours_spec(target, alone, n, k)),
+        "slm distilled auto": closing(ours_spec(target, alone, n, "auto")),
+        "slm auto:distilled auto": closing(ours_spec(target, hybrid, n, "auto")),
+    }
+
+
+def distilled_row_extras(res: dict, name: str, n_prompts: int, n: int) -> dict:
+    """Acceptance per draft position (the i-th drafted token of a round, given the ones before it
+    were accepted) and the draft's cost per token relative to one plain target decode step."""
+    st = res[name]["stats"]
+    drafting_rounds = sum(len(s["accepted_per_round"]) for s in st)
+    width = max((len(s["accepted_per_pos"]) for s in st), default=0)
+    per_pos = [sum(s["accepted_per_pos"][i] for s in st if len(s["accepted_per_pos"]) > i) for i in range(width)]
+    by_position = []
+    for i, kept in enumerate(per_pos):
+        before = drafting_rounds if i == 0 else per_pos[i - 1]
+        by_position.append(round(kept / before, 3) if before else None)
+    drafted = sum(s["draft_n"] for s in st)
+    draft_s = sum(s["draft_seconds"] for s in st)
+    plain_step = res["slm target"]["seconds"] / (n_prompts * n)
+    return {"acceptance_by_position": by_position,
+            "draft_cost_vs_target_step": round(draft_s / max(drafted, 1) / plain_step, 3) if drafted else None}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["controlled", "pairs", "useless", "bound", "acceptance", "real", "real-llamacpp",
@@ -547,6 +597,8 @@ def main() -> None:
     ap.add_argument("--real-k", type=int, default=4, help="part 2: the fixed draft length")
     ap.add_argument("--prompt-format", choices=["chat", "raw"], default="chat",
                     help="HumanEval prompts as slm's HumanEval evaluation builds them (default chat: the model writes code)")
+    ap.add_argument("--distilled", default=None, metavar="DIR",
+                    help="part 2: add rows for this distilled draft (slm distill), alone and behind prompt lookup")
     ap.add_argument("--hf-int8", action="store_true", help="part 2: add transformers with a dynamic-int8 assistant")
     ap.add_argument("--llamacpp", action="store_true",
                     help="part 2: also llama.cpp's speculative options on the same weights (needs setup_llamacpp.sh)")

@@ -18,7 +18,7 @@ LAYERS = [
     ("weights", ["slm.weights", "slm.pack", "slm.quantize", "slm.gguf_import"]),
     ("inference", ["slm.speculative", "slm.generate", "slm.load"]),
     ("data", ["slm.data"]),
-    ("train and eval", ["slm.train", "slm.eval", "slm.gguf_export"]),
+    ("train and eval", ["slm.train", "slm.eval", "slm.gguf_export", "slm.distill"]),
     ("demo and serve", ["slm.demo", "slm.serve"]),
     ("cli", ["slm.cli", "slm.__main__"]),
 ]

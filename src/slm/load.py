@@ -19,6 +19,8 @@ from slm.gguf_import import cached_import
 from slm.model import Transformer
 from slm.quantize import draft_copy, quantized_copy
 from slm.speculative.drafts import Draft, HybridDraft, ModelDraft, NgramDraft, SelfDraft
+from slm.speculative.features import FeatureDraft, input_embedding
+from slm.speculative.head import is_head_dir, load_head
 from slm.speculative.lm import HFLM, as_lm
 from slm.tokenizer import Tokenizer
 from slm.weights import build_model, check_hf_state_dict, hf_to_slm, read_config, read_hf_state_dict
@@ -130,6 +132,8 @@ def load_draft(spec: str, target, target_dir: str | os.PathLike | None = None) -
     "int4": its copy with int4 decoder layers and an int8 lm_head (`slm.quantize.draft_copy`:
     cheaper than int8, nearly as often right). "auto": prompt lookup where a 2+-token n-gram
     matches, else the int4 copy (`HybridDraft`).
+    A distilled draft directory (`slm distill`, recognised by its draft_head.json): its head on
+    the target's features; "auto:DIR" puts prompt lookup in front of it as "auto" does for int4.
     "hf:DIR" or a transformers directory (`is_transformers_dir`): a transformers draft.
     Otherwise an slm model directory or .gguf file. Model drafts must share the target's tokenizer.
     """
@@ -139,6 +143,11 @@ def load_draft(spec: str, target, target_dir: str | os.PathLike | None = None) -
     if spec in ("int8", "int4", "auto"):
         model_draft = SelfDraft(_self_draft(target, "int4" if spec == "auto" else spec), target)
         return HybridDraft(NgramDraft(min_ngram=2), model_draft) if spec == "auto" else model_draft
+
+    if spec.startswith("auto:"):
+        return HybridDraft(NgramDraft(min_ngram=2), load_distilled(spec[5:], target))
+    if Path(spec).is_dir() and is_head_dir(spec):
+        return load_distilled(spec, target)
 
     force_hf = spec.startswith("hf:")
     path = Path(spec[3:] if force_hf else spec)
@@ -156,3 +165,11 @@ def load_draft(spec: str, target, target_dir: str | os.PathLike | None = None) -
         )
     lm = HFLM(load_transformers(path)) if hf else as_lm(load_model(path))
     return ModelDraft(lm, target_vocab)
+
+
+def load_distilled(path: str | os.PathLike, target) -> FeatureDraft:
+    """A distilled draft directory (`slm.distill`) -> its FeatureDraft on this (loaded) target."""
+    if not is_head_dir(path):
+        raise SlmError(f"draft {path}: not a distilled draft directory (no draft_head.json)")
+    head = load_head(path, input_embedding(target))
+    return FeatureDraft(head, target)

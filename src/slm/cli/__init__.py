@@ -22,6 +22,7 @@ _COMMAND_MODULES = [
     "slm.cli.models",  # import, generate
     "slm.cli.data",  # tokenizer, data
     "slm.cli.train",  # train, export
+    "slm.cli.distill",  # distill
     "slm.cli.eval",  # eval
     "slm.cli.humaneval",  # humaneval
     "slm.cli.demo",  # demo

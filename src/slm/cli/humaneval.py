@@ -76,7 +76,7 @@ def register(subparsers) -> None:
     g.add_argument("--out", required=True, metavar="DIR", help="output directory")
     g.add_argument(
         "--draft", metavar="DRAFT",
-        help="speculative decoding with this draft: a model directory or .gguf, 'ngram', 'int8', 'int4' or 'auto'",
+        help="speculative decoding with this draft: a model directory or .gguf, 'ngram', 'int8', 'int4', 'auto', a distilled draft DIR (slm distill) or 'auto:DIR'",
     )  # fmt: skip
     g.add_argument("--draft-tokens", default="auto", metavar="K", help="tokens drafted per round, or 'auto' (default)")
     g.add_argument("--limit", type=int, metavar="N", help="only the first N problems")

@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--draft", metavar="DRAFT", default=None,
         help="speculative decoding: a draft model directory/.gguf, 'ngram' (prompt lookup), 'int8' or 'int4' "
         "(the target's own quantized copy: int8, or int4 layers with an int8 lm_head) or 'auto' (prompt lookup, "
-        "else the int4 copy); the output is the target's own (greedy) or distributed as it (sampling)",
+        "else the int4 copy), a distilled draft directory (slm distill) or 'auto:DIR' (prompt lookup, else that draft); the output is the target's own (greedy) or distributed as it (sampling)",
     )
     p.add_argument(
         "--draft-tokens", default="auto", metavar="K|auto",

@@ -38,6 +38,32 @@ class Proposal:
 NOTHING = Proposal([], None)
 
 
+def roll_out(state, k: int, pick, advance) -> tuple[list[int], list]:
+    """k proposals: pick(state) -> (token, q); advance(state, token, i) -> the state after the i-th
+    (not called after the last: its successor is never needed)."""
+    tokens, probs = [], []
+    for i in range(k):
+        tok, q = pick(state)
+        tokens.append(tok)
+        probs.append(q)
+        if i + 1 < k:
+            state = advance(state, tok, i)
+    return tokens, probs
+
+
+def timed_proposal(tokens: list[int], probs: list, sampling: SamplingParams, times: tuple[float, float, float],
+                   steady: bool, catchup: int) -> Proposal:
+    """A model draft's Proposal. times: start, after the first forward (the catch-up, if not
+    steady), end. In steady state every forward counts as a draft step; after a catch-up, only
+    those after the first."""
+    t0, t1, t2 = times
+    k = len(tokens)
+    spent, steps = (t2 - t0, k) if steady else (t2 - t1, k - 1)
+    return Proposal(tokens, None if sampling.greedy else torch.stack(probs), forwards=k,
+                    step_seconds=spent / steps if steps > 0 else None,
+                    catchup_tokens=0 if steady else catchup, catchup_seconds=0.0 if steady else t1 - t0)
+
+
 class Draft:
     """Interface of a draft source."""
 
@@ -123,20 +149,12 @@ class ModelDraft(Draft):
         t0 = time.perf_counter()
         logits = self.lm.forward(self._embeddable(context[valid:]), valid, last_only=True)[-1]
         t1 = time.perf_counter()
-        tokens, probs = [], []
-        for i in range(k):
-            tok, q = self._pick(logits, sampling, generator)
-            tokens.append(tok)
-            probs.append(q)
-            if i + 1 < k:  # the last proposal's logits are never needed
-                logits = self.lm.forward([tok], n + i, last_only=True)[-1]
-        t2 = time.perf_counter()
-        spent, steps = (t2 - t0, k) if steady else (t2 - t1, k - 1)
-        step_s = spent / steps if steps > 0 else None
+        # the last proposal's logits are never needed
+        tokens, probs = roll_out(logits, k, lambda lg: self._pick(lg, sampling, generator),
+                                 lambda _, tok, i: self.lm.forward([tok], n + i, last_only=True)[-1])
         self.fed = context + tokens[:-1]
         self.base = n
-        return Proposal(tokens, None if sampling.greedy else torch.stack(probs), forwards=k, step_seconds=step_s,
-                        catchup_tokens=0 if steady else n - valid, catchup_seconds=0.0 if steady else t1 - t0)
+        return timed_proposal(tokens, probs, sampling, (t0, t1, time.perf_counter()), steady, n - valid)
 
 
 class SelfDraft(ModelDraft):

@@ -1,0 +1,116 @@
+"""What the head learns and how it is scored: the target's distribution, restricted to the draft
+vocabulary, at every depth of the training-time-test unroll.
+
+Positions: the target's logits at t predict x_{t+1}; the head at t reads the target's features at
+t and x_{t+1}, and predicts x_{t+2}, so its label is the target's distribution at t+1. The loss is
+the cross-entropy of the head's q against the target's p restricted to the draft vocabulary (not
+renormalised: that is mass_in * (KL(p_in/mass_in || q) + const), so positions where the target
+mostly says something the draft cannot say weigh less). Only positions whose predicted token is
+part of the target's answer count (the prompt is not what the draft will be asked to guess).
+
+The score of depth j is how often the head's argmax equals the target's there: on samples the
+target decoded greedily that is exactly the greedy acceptance of the (j+1)-th drafted token of a
+round given the j before it were accepted (the head then reads the same tokens as in decoding,
+and `FeatureHead.unroll` attends exactly as decoding does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from slm.speculative.features import FeatureTap, target_features
+from slm.speculative.head import FeatureHead
+
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor  # (B, T) padded sequences
+    answer: torch.Tensor  # (B, T) bool: the token at this position is part of the target's answer
+
+
+def make_batch(sequences: list[list[int]], prompt_lens: list[int], seq_len: int, pad_id: int = 0) -> Batch:
+    """Sequences cut to their last `seq_len` tokens (the answer kept), right-padded."""
+    T = min(max(len(s) for s in sequences), seq_len)
+    tokens = torch.full((len(sequences), T), pad_id, dtype=torch.int64)
+    answer = torch.zeros(len(sequences), T, dtype=torch.bool)
+    for b, (s, p) in enumerate(zip(sequences, prompt_lens)):
+        cut = max(len(s) - T, 0)
+        s = s[cut:]
+        tokens[b, : len(s)] = torch.tensor(s)
+        answer[b, max(p - cut, 0) : len(s)] = True
+    return Batch(tokens, answer)
+
+
+def depth_weights(depth: int, decay: float = 0.8) -> list[float]:
+    return [decay**j for j in range(depth)]
+
+
+def head_loss(head: FeatureHead, target, tap: FeatureTap | None, batch: Batch, depth: int) -> tuple[torch.Tensor, dict]:
+    """-> (loss, stats: per-depth agreement counts, positions, mass the draft vocabulary misses).
+    On a GPU, bf16 autocast (the head's weights and the loss stay fp32)."""
+    device = head.d2t.device
+    batch = Batch(batch.tokens.to(device), batch.answer.to(device))
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return _head_loss(head, target, tap, batch, depth)
+
+
+def _head_loss(head: FeatureHead, target, tap: FeatureTap | None, batch: Batch, depth: int) -> tuple[torch.Tensor, dict]:
+    with torch.no_grad():
+        taps, logits = target_features(target, tap, batch.tokens)  # (B, T, n*d), (B, T, V)
+        logp = torch.log_softmax(logits[:, 1:], -1)  # (B, T-1, V): label of head position t is at t+1
+        p_in = logp.index_select(-1, head.d2t).exp()  # (B, T-1, N) restricted, not renormalised
+        target_best = logits[:, 1:].argmax(-1)  # (B, T-1) target ids
+        mask = batch.answer[:, 2:]  # (B, T-2): head position t predicts x_{t+2}
+    inputs = taps[:, :-1] if taps is not None else None  # head positions 0..T-2
+    outs = head.unroll(inputs, batch.tokens[:, 1:], depth)  # each (B, T-1, d)
+    total = torch.zeros((), device=batch.tokens.device)
+    stats = {"agree": [], "counted": [], "mass_out": 0.0}
+    weights = depth_weights(len(outs))
+    for j, (h, w) in enumerate(zip(outs, weights)):
+        valid = mask.clone()
+        valid[:, : max(j, 0)] = False  # a depth-j draft needs j earlier positions
+        logq = torch.log_softmax(head.logits(h[:, :-1]).float(), -1)  # (B, T-2, N)
+        ce = -(p_in[:, :-1] * logq).sum(-1)  # (B, T-2)
+        n = valid.sum().clamp_min(1)
+        total = total + w * (ce * valid).sum() / n
+        with torch.no_grad():
+            guess = head.d2t[logq.argmax(-1)]  # (B, T-2) target ids
+            stats["agree"].append(int(((guess == target_best[:, :-1]) & valid).sum()))
+            stats["counted"].append(int(valid.sum()))
+    with torch.no_grad():
+        m = mask.sum().clamp_min(1)
+        stats["mass_out"] = float(((1 - p_in[:, :-1].sum(-1)) * mask).sum() / m)
+    return total / sum(weights), stats
+
+
+@torch.no_grad()
+def acceptance_by_depth(head: FeatureHead, target, tap: FeatureTap | None, batches: list[Batch], depth: int) -> list[float]:
+    """Greedy acceptance of the 1st, 2nd, ... drafted token (each given the ones before it were
+    accepted), measured on held-out samples."""
+    agree, counted = [0] * depth, [0] * depth
+    for batch in batches:
+        _, stats = head_loss(head, target, tap, batch, depth)
+        for j, (a, c) in enumerate(zip(stats["agree"], stats["counted"])):
+            agree[j] += a
+            counted[j] += c
+    measured = [a / c if c else 0.0 for a, c in zip(agree, counted)][: len(stats["agree"])]
+    # A head without features reads the same true tokens at every depth: its conditional
+    # acceptance does not depend on the depth.
+    return measured + measured[-1:] * (depth - len(measured))
+
+
+def chain_acceptance(per_depth: list[float]) -> float:
+    """Per-token acceptance a of the geometric model that yields the same expected accepted
+    tokens over these depths (for `slm.speculative.schedule.predicted_speedup`)."""
+    expected, run = 0.0, 1.0
+    for a in per_depth:
+        run *= a
+        expected += run
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        e = sum(mid ** (i + 1) for i in range(len(per_depth)))
+        lo, hi = (mid, hi) if e < expected else (lo, mid)
+    return lo
