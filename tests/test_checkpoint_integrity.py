@@ -110,3 +110,17 @@ def test_malicious_pickle_is_one_line_from_the_real_command(run, tmp_path):
     p = subprocess.run([sys.executable, "-m", "slm", *resume_args(r)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "optimizer.pt: refused" in p.stderr, p.stderr
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_checkpoint_from_before_checksums_resumes_with_a_note(tmp_path, capsys):
+    """Runs written by an older slm have no checksums.json: complete (their marker is there) but
+    unverifiable. They are used, with a note on stderr, instead of stranding the run."""
+    from slm.train.checkpoint import CHECKSUMS, verify_checkpoint
+
+    c = tmp_path / "step_00000002"
+    c.mkdir()
+    (c / ckpt.MARKER).write_text("")
+    assert verify_checkpoint(c) is None
+    assert "predates checksums" in capsys.readouterr().err
+    (c / CHECKSUMS).write_text("{}")  # a checksums file that is there but wrong is still refused
+    assert verify_checkpoint(c) is not None

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from slm.errors import SlmError
+from slm.errors import SlmError, UnsupportedModel
 
 
 @dataclass(frozen=True)
@@ -103,14 +103,14 @@ class ModelConfig:
         """Build from a Hugging Face LlamaConfig dict; refuse what this decoder cannot run."""
         model_type = hf.get("model_type", "llama")
         if model_type not in ("llama", "mistral"):
-            raise SlmError(f"{source}: model_type {model_type!r} is not a LLaMA-architecture model")
+            raise UnsupportedModel(f"{source}: model_type {model_type!r} is not a LLaMA-architecture model")
         for key, ok in (("hidden_act", ("silu",)), ("attention_bias", (False, None)), ("mlp_bias", (False, None))):
             if key in hf and hf[key] not in ok:
-                raise SlmError(f"{source}: {key}={hf[key]!r} is not supported (expected {ok[0]!r})")
+                raise UnsupportedModel(f"{source}: {key}={hf[key]!r} is not supported (expected {ok[0]!r})")
         if hf.get("rope_scaling"):
-            raise SlmError(f"{source}: rope_scaling={hf['rope_scaling']!r} is not supported")
+            raise UnsupportedModel(f"{source}: rope_scaling={hf['rope_scaling']!r} is not supported")
         if hf.get("sliding_window") and model_type == "mistral":
-            raise SlmError(f"{source}: sliding-window attention is not supported")
+            raise UnsupportedModel(f"{source}: sliding-window attention is not supported")
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
         missing = [k for k in required if k not in hf]
         if missing:
@@ -123,7 +123,7 @@ class ModelConfig:
             raise SlmError(f"{source}: rope_parameters must be an object, got {rope_parameters!r}")
         n_heads = hf["num_attention_heads"]
         if hf.get("head_dim") not in (None, hf["hidden_size"] // n_heads):
-            raise SlmError(f"{source}: head_dim {hf['head_dim']} != hidden_size / num_attention_heads is not supported")
+            raise UnsupportedModel(f"{source}: head_dim {hf['head_dim']} != hidden_size / num_attention_heads is not supported")
         eos = hf.get("eos_token_id", 2)
         if isinstance(eos, list):
             eos = eos[0] if eos else None

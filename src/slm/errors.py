@@ -8,3 +8,9 @@ what is wrong and where (file, field, tensor, value).
 
 class SlmError(Exception):
     """A user-facing error: bad input, missing file, mismatched shapes, bad parameter."""
+
+
+class UnsupportedModel(SlmError):
+    """A well-formed model config that slm's decoder does not implement (another architecture, or
+    an option such as rope scaling): `transformers` may still run it (`slm.load.is_transformers_dir`),
+    unlike a config with invalid values, which is plain bad input."""

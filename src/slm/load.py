@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from slm.errors import SlmError
+from slm.errors import SlmError, UnsupportedModel
 from slm.gguf_import import cached_import
 from slm.model import Transformer
 from slm.quantize import draft_copy, quantized_copy
@@ -40,8 +40,9 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
 
 
 def is_transformers_dir(path: str | os.PathLike) -> bool:
-    """A directory whose config.json is valid JSON that slm's decoder refuses (another architecture,
-    or options it does not implement): transformers may still run it."""
+    """A directory whose config.json is well formed but describes a model slm's decoder does not
+    implement (another architecture, or an option such as rope scaling): transformers may still
+    run it. A config with invalid values is not one: slm's own error says what is wrong."""
     path = Path(path)
     config = path / "config.json"
     if not (path.is_dir() and config.is_file()):
@@ -53,8 +54,10 @@ def is_transformers_dir(path: str | os.PathLike) -> bool:
         return False  # slm's own error (read_config) says what is wrong
     try:
         read_config(path)
-    except SlmError:
+    except UnsupportedModel:
         return True
+    except SlmError:
+        return False
     return False
 
 

@@ -19,8 +19,9 @@ commands:
   slm humaneval score SAMPLES.jsonl [options]        execute an existing samples file, report pass@k
 
 Generated code is untrusted: it runs only with --allow-code-execution (or after a y/N prompt on
-a terminal), each program in slm's sandbox (own process group, uid and temp dir; time, memory,
-CPU, file-size and process limits; no network where the kernel allows namespaces).
+a terminal), each program in slm's sandbox: its own uid and PID, mount, network, IPC, UTS and
+cgroup namespaces, a read-only view of the host with a small private /tmp and its own /proc, and
+wall-time, CPU, memory and task limits on the sample as a whole (docs/SECURITY.md). Needs root.
 """
 
 

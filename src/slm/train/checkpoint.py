@@ -162,6 +162,11 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 def verify_checkpoint(path: Path) -> str | None:
     """None if every file of the checkpoint matches checksums.json, else what is wrong."""
+    if not (path / CHECKSUMS).exists() and (path / MARKER).is_file():
+        # Written by an slm from before checksums: complete (it has its marker), but unverifiable.
+        # Refusing it would strand every older run; say so instead.
+        print(f"slm: note: checkpoint {path} predates checksums; its files cannot be verified", file=sys.stderr)
+        return None
     try:
         sums = json.loads((path / CHECKSUMS).read_text())
     except (OSError, ValueError) as e:
