@@ -25,6 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+)
 
 from slm.atomic import write_text
 from slm.config import ModelConfig, get_config
@@ -159,15 +162,11 @@ def seed_everything(seed: int) -> None:
 
 
 def _state_dict_options(cpu_offload: bool):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
     # Full (unsharded) tensors: a checkpoint does not depend on the parallel mode or world size.
     return StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload)
 
 
 def save_training_checkpoint(run_dir, model, optimizer, loader, step, info: DistInfo, cfg, extra: dict) -> Path | None:
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
     opts = _state_dict_options(cpu_offload=True)
     model_sd = get_model_state_dict(model, options=opts)  # full on rank 0, empty elsewhere
     optim_sd = get_optimizer_state_dict(model, optimizer, options=opts)
@@ -210,8 +209,6 @@ def check_config_unchanged(c: ckpt.Checkpoint, cfg: TrainConfig, config_file: Pa
 
 
 def load_training_checkpoint(c: ckpt.Checkpoint, model, optimizer, loader, info: DistInfo, global_batch: int) -> None:
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
     ckpt.check_resume_state(c)
     if c.state["global_batch"] != global_batch:
         raise SlmError(
