@@ -8,7 +8,9 @@ The text is Python standard-library source (textwrap.py, then argparse.py, ...: 
 no weight was calibrated on; the quantisation is weight-only with max scales). It is cut into
 non-overlapping windows of --window tokens; each window is scored from its first token
 (no carried context), the same windows for every variant. Also the share of positions where the
-quantised model's greedy next token equals fp32's.
+quantised model's greedy next token equals fp32's. By default the logits come from the decoding
+path (`slm.native`: int8/int4 weights with activations rounded to int8 in blocks of 32, as
+llama.cpp's Q8_0/Q4_0 do); `--path eager` scores with the model's own forward instead.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from slm.native import decode_logits  # noqa: E402
+
 FILES = ("textwrap.py", "argparse.py", "difflib.py", "heapq.py", "shlex.py")
 
 
@@ -40,11 +44,17 @@ def text_ids(tokenizer, n: int) -> list[int]:
 
 
 @torch.inference_mode()
-def score(model, windows: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """-> (perplexity over every predicted position, greedy next tokens (windows, window-1))."""
+def score(model, windows: torch.Tensor, path: str) -> tuple[float, torch.Tensor]:
+    """-> (perplexity over every predicted position, greedy next tokens (windows, window-1)).
+    path "decode": the decoding path (`slm.native.decode_logits`); "eager": the model's own forward
+    (what `slm eval` scores with)."""
     nll, count, greedy = 0.0, 0, []
     for w in windows:
-        logits = model(w[None, :-1])[0]  # (window-1, V)
+        if path == "decode":
+            logits = decode_logits(model, w[:-1])  # (window-1, V)
+        else:
+            with torch.inference_mode():
+                logits = model(w[None, :-1])[0]  # (window-1, V)
         nll += F.cross_entropy(logits, w[1:], reduction="sum").item()
         count += w.numel() - 1
         greedy.append(logits.argmax(-1))
@@ -56,6 +66,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096, help="tokens of text scored (default 4096)")
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--threads", type=int, default=None, help="default: slm.threads' choice")
+    ap.add_argument("--path", choices=["decode", "eager"], default="decode",
+                    help="decode: the path `slm generate` runs (slm.native; default); eager: the model's forward")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -78,11 +90,12 @@ def main() -> None:
         model = load_model(model_dir)
         if kind != "fp32":
             QUANTIZERS[kind](model)
-        ppl, greedy = score(model, windows)
+        ppl, greedy = score(model, windows, args.path)
         ref = ref or (ppl, greedy)
         row = {"model": "smollm2-135m-instruct", "weights": kind, "tokens": windows.numel(), "window": args.window,
                "perplexity": round(ppl, 4), "vs_fp32": round(ppl / ref[0], 4),
-               "same_next_token": round((greedy == ref[1]).float().mean().item(), 4), "threads": threads}
+               "same_next_token": round((greedy == ref[1]).float().mean().item(), 4), "threads": threads,
+               "path": args.path}
         rows.append(row)
         if args.json:
             print(json.dumps(row), flush=True)
@@ -91,7 +104,7 @@ def main() -> None:
                   f"next token as fp32 {row['same_next_token']:.1%}", flush=True)
         del model
     if not args.json:
-        print(f"{windows.numel()} tokens of stdlib source ({', '.join(FILES)}), windows of {args.window}, "
+        print(f"{windows.numel()} tokens of stdlib source ({', '.join(FILES)}), windows of {args.window}, path {args.path}, "
               f"threads {threads}, loadavg {os.getloadavg()}")
 
 

@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 LAYERS = [
     ("base", ["slm", "slm.errors", "slm.atomic", "slm.paths", "slm.config", "slm.assets", "slm.threads"]),
     ("model", ["slm.model", "slm.sampling", "slm.tokenizer", "slm.chat"]),
-    ("weights", ["slm.weights", "slm.pack", "slm.quantize", "slm.gguf_import"]),
+    ("weights", ["slm.weights", "slm.pack", "slm.quantize", "slm.gguf_import", "slm.native"]),
     ("inference", ["slm.speculative", "slm.generate", "slm.load"]),
     ("data", ["slm.data"]),
     ("train and eval", ["slm.train", "slm.eval", "slm.gguf_export", "slm.distill"]),

@@ -68,15 +68,19 @@ def test_packed_model_refuses_stale_weights(change):
         torch.testing.assert_close(packed, unpack(model)(x), rtol=0, atol=1e-4)
 
 
-def test_setup_cache_does_not_pack_and_generate_does():
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_setup_cache_does_not_pack_and_generate_decodes_the_current_weights(native, monkeypatch):
+    """generate runs slm.native's kernels over the model's own tensors (no packed copy), or, with
+    SLM_NATIVE=0 (or no compiler), packs; either way it decodes the weights as they are now."""
+    monkeypatch.setenv("SLM_NATIVE", native)
     model = _model()
     model.setup_cache(1, 32)
     assert not is_packed(model)
     model.clear_cache()
     prompt = _tokens(5)[0].tolist()
     ref = generate(model, prompt, 10, stop=Stop()).tokens
-    assert is_packed(model) == torch.backends.mkldnn.is_available()
-    with torch.no_grad():  # generate after a weight change: packed again, so it decodes the new weights
+    assert is_packed(model) == (native == "0" and torch.backends.mkldnn.is_available())
+    with torch.no_grad():  # generate after a weight change decodes the new weights
         model.output.weight.mul_(-1.0)
     assert generate(model, prompt, 10, stop=Stop()).tokens != ref
     unpack(model)

@@ -84,47 +84,75 @@ def quantized_copy(model: Transformer) -> Transformer:
 
 
 class Int4Linear(nn.Module):
-    """y = x W^T with W in groupwise asymmetric 4-bit (gpt-fast's layout): each run of `group_size`
-    input weights of a row has a bf16 scale and zero, W ~= (q - 8) * scale + zero with q in 0..15.
+    """y = x W^T with W in groupwise asymmetric 4-bit (llama.cpp's Q4_1 layout): each run of
+    `GROUP` (32) input weights of a row has an fp16 scale and min, W ~= q * scale + min, q in 0..15.
+    Half the bytes of int8, but coarser: fine for a speculative draft's decoder layers (the target
+    checks every token), not for the lm_head (see `draft_copy`).
 
-    The kernel is `aten._weight_int4pack_mm_for_cpu` (bf16 activations). Half the bytes of int8,
-    but coarser: fine for a speculative draft's decoder layers (the target checks every token),
-    not for the lm_head (see `draft_copy`)."""
+    codes (out, in/2) uint8: byte j of a group holds element j (low nibble) and element j + 16 (high
+    nibble). slm's native kernels (`slm.native`) read this layout directly; without them the layer
+    runs PyTorch's `_weight_int4pack_mm_for_cpu` (bf16 activations) on a copy it makes once in that
+    kernel's own layout (W = (q - 8) * scale + zero with bf16 scale and zero: rounds slightly differently)."""
 
-    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, in_features: int,
-                 out_features: int):
+    GROUP = 32
+
+    def __init__(self, codes: torch.Tensor, scale_min: torch.Tensor):
         super().__init__()
-        self.register_buffer("packed", packed)  # the kernel's own layout of the (out, in) 4-bit codes
-        self.register_buffer("scales_and_zeros", scales_and_zeros)  # (in / group_size, out, 2) bf16
-        self.group_size, self.in_features, self.out_features = group_size, in_features, out_features
+        self.register_buffer("codes", codes)  # (out, in/2) uint8
+        self.register_buffer("scale_min", scale_min)  # (out, in/32, 2) fp16
+        self.out_features, self.in_features = codes.shape[0], codes.shape[1] * 2
+        self._torch_packed = None
 
     @staticmethod
-    def supports(weight: torch.Tensor, group_size: int = 32) -> bool:
+    def supports(weight: torch.Tensor) -> bool:
         out_features, in_features = weight.shape
-        return out_features % 16 == 0 and in_features % group_size == 0 and weight.device.type == "cpu"
+        return out_features % 16 == 0 and in_features % Int4Linear.GROUP == 0 and weight.device.type == "cpu"
 
     @classmethod
     @torch.no_grad()
-    def from_float(cls, weight: torch.Tensor, group_size: int = 32) -> "Int4Linear":
+    def from_float(cls, weight: torch.Tensor) -> "Int4Linear":
         out_features, in_features = weight.shape
-        groups = weight.detach().float().reshape(-1, group_size)  # (out * in / g, g)
-        lo, hi = groups.amin(dim=1, keepdim=True), groups.amax(dim=1, keepdim=True)
-        # Scales and zeros are rounded to bf16 first, so that the codes fit the values the kernel uses.
-        scales = ((hi - lo).clamp(min=1e-6) / 15).to(torch.bfloat16).float()
-        zeros = (lo + 8 * scales).to(torch.bfloat16).float()
-        q = ((groups - (zeros - 8 * scales)) / scales).round().clamp(0, 15).to(torch.int32)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.reshape(out_features, in_features), 2)
-        sz = torch.stack([scales.reshape(out_features, -1), zeros.reshape(out_features, -1)], dim=-1)  # (out, in/g, 2)
-        return cls(packed, sz.transpose(0, 1).contiguous().to(torch.bfloat16), group_size, in_features, out_features)
+        g = cls.GROUP
+        groups = weight.detach().float().reshape(out_features, in_features // g, g)  # (out, in/g, g)
+        lo, hi = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
+        # Scale and min are rounded to fp16 first, so that the codes fit the values the kernels use.
+        scale = ((hi - lo) / 15).clamp(min=1e-6).half().float()
+        mn = lo.half().float()
+        q = ((groups - mn) / scale).round().clamp(0, 15).to(torch.uint8)  # (out, in/g, g)
+        codes = q[..., : g // 2] | (q[..., g // 2 :] << 4)  # (out, in/g, g/2)
+        scale_min = torch.cat([scale, mn], dim=-1).half()  # (out, in/g, 2)
+        return cls(codes.reshape(out_features, in_features // 2).contiguous(), scale_min.contiguous())
+
+    def codes_unpacked(self) -> torch.Tensor:
+        """q (out, in) in 0..15."""
+        c = self.codes.view(self.out_features, -1, self.GROUP // 2)  # (out, in/g, g/2)
+        return torch.cat([c & 0x0F, c >> 4], dim=-1).reshape(self.out_features, self.in_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight this layer multiplies by (in the native kernels), as fp32 (out, in)."""
+        q = self.codes_unpacked().float().view(self.out_features, -1, self.GROUP)  # (out, in/g, g)
+        sm = self.scale_min.float()  # (out, in/g, 2)
+        return (q * sm[..., :1] + sm[..., 1:]).reshape(self.out_features, self.in_features)
+
+    def _torch_layout(self):
+        if self._torch_packed is None:
+            q = self.codes_unpacked().to(torch.int32)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+            sm = self.scale_min.float()
+            zeros = sm[..., 1] + 8 * sm[..., 0]  # W = (q - 8) * scale + zero
+            sz = torch.stack([sm[..., 0], zeros], dim=-1)  # (out, in/g, 2)
+            self._torch_packed = (packed, sz.transpose(0, 1).contiguous().to(torch.bfloat16))
+        return self._torch_packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
+        packed, sz = self._torch_layout()
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.GROUP, sz)
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {self.group_size}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {self.GROUP}"
 
 
 def _int4_layers(name: str, weight: torch.Tensor) -> nn.Module:

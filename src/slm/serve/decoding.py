@@ -23,7 +23,7 @@ import torch
 
 from slm.generate import Stop, generate
 from slm.model import KVCache, Transformer
-from slm.pack import pack
+from slm.native import decoder
 from slm.sampling import SamplingParams, next_token
 from slm.speculative import Draft, NgramDraft, Plan, verify_greedy
 
@@ -66,7 +66,7 @@ class Decoder:
                  draft_tokens: int | str = "auto"):
         self.model, self.ctx = model, ctx
         self.caches = RowCaches(model, max_batch, ctx)
-        pack(model)  # the batched steps run on the same fast small-batch kernels as `generate`
+        self.run = decoder(model)  # the batched steps run on the same kernels as `generate`
         self.draft = draft
         self.draft_tokens = draft_tokens
         self.device = model.tok_embeddings.weight.device
@@ -94,7 +94,7 @@ class Decoder:
         self.caches.bind(self.caches.row[row])
         ids = torch.tensor(tokens, device=self.device).view(1, -1)  # (1, T)
         pos = torch.arange(start, start + len(tokens), device=self.device)  # (T,)
-        return self.model(ids, pos, logits_to_keep=1)[0, -1]
+        return self.run(ids, pos, logits_to_keep=1)[0, -1]
 
     @torch.inference_mode()
     def decode_rows(self, tokens: list[list[int]], starts: list[int]) -> torch.Tensor:
@@ -109,7 +109,7 @@ class Decoder:
             ids[r, : len(toks)] = torch.tensor(toks)
             pos[r] = torch.arange(start, start + T).clamp_(max=self.ctx)  # the spare position takes overflow
         self.caches.bind(self.caches.prefix[n])
-        return self.model(ids.to(self.device), pos.to(self.device))  # (n, T, V)
+        return self.run(ids.to(self.device), pos.to(self.device))  # (n, T, V)
 
     def lookup(self, key: str, context: list[int], k: int) -> list[int]:
         """Up to k prompt-lookup draft tokens for one row of a batched step (each request keeps its

@@ -17,7 +17,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from slm.model import Transformer
-from slm.pack import pack
+from slm.native import decoder
 
 
 @runtime_checkable
@@ -41,7 +41,8 @@ def ensure_cache(model: Transformer, length: int) -> None:
 
 
 class SlmLM:
-    """An slm `Transformer` as a CachedLM (batch 1, its own static KV cache, packed weights)."""
+    """An slm `Transformer` as a CachedLM (batch 1, its own static KV cache), run by `slm.native.decoder`:
+    the native kernels for decode and verify steps where they build, else the packed model."""
 
     def __init__(self, model: Transformer):
         self.model = model
@@ -49,16 +50,17 @@ class SlmLM:
         self.max_seq_len = model.config.max_seq_len
         self.eos_id = model.config.eos_id
         self.device = model.tok_embeddings.weight.device
+        self.run = model
 
     def prepare(self, length: int) -> None:
         ensure_cache(self.model, min(length, self.max_seq_len))
-        pack(self.model)  # incremental decoding: the fast small-batch kernels (slm.pack)
+        self.run = decoder(self.model)  # after the cache: the native decoder binds to it
 
     @torch.inference_mode()
     def forward(self, tokens: list[int], start_pos: int, last_only: bool = False) -> torch.Tensor:
         ids = torch.tensor(tokens, device=self.device).view(1, -1)  # (1, T)
         pos = torch.arange(start_pos, start_pos + len(tokens), device=self.device)  # (T,)
-        return self.model(ids, pos, logits_to_keep=1 if last_only else 0)[0].float()  # (T', V)
+        return self.run(ids, pos, logits_to_keep=1 if last_only else 0)[0].float()  # (T', V)
 
 
 class HFLM:

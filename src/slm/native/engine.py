@@ -1,0 +1,207 @@
+"""`decoder(model)`: the fastest way this machine has to run a `Transformer`'s cached forward.
+
+`NativeDecoder` is a drop-in for `model(tokens, input_pos, logits_to_keep=...)` on the KV-cache
+path: small calls (decode steps, speculative verification, batched server steps: up to MAX_ROWS
+query rows) run in slm's native kernels (kernels.cpp) over the model's own tensors and its own KV
+cache, without copies (fp32) or over the int8/int4 layers of `slm.quantize`; longer calls (a
+prompt's prefill) run the model itself, whose large matmuls PyTorch does well. Both write the same
+cache, so they mix freely. The model file stays pure: this is an executor beside it, like
+`slm.pack`, and `tests/test_native.py` holds it to the model's logits.
+
+A model it cannot run (another dtype or device, forward hooks such as `FeatureTap`'s, shapes the
+kernels do not take) runs eagerly, packed (`slm.pack`), exactly as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from slm.errors import SlmError
+from slm.model import Transformer
+from slm.native.build import library
+from slm.pack import pack
+from slm.quantize import Int4Linear, Int8Linear
+
+MAX_ROWS = 32  # more query rows than this (a prefill) go to PyTorch's GEMMs
+_c_int, _c_void = ctypes.c_int32, ctypes.c_void_p
+
+
+class _Lin(ctypes.Structure):
+    _fields_ = [("kind", _c_int), ("n", _c_int), ("k", _c_int), ("pad", _c_int),
+                ("w", _c_void), ("s", _c_void), ("sm", _c_void)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("attn_norm", _c_void), ("ffn_norm", _c_void), ("wqkv", _Lin), ("wo", _Lin), ("w13", _Lin), ("w2", _Lin)]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [("n_layers", _c_int), ("dim", _c_int), ("n_heads", _c_int), ("n_kv", _c_int), ("head_dim", _c_int),
+                ("ffn", _c_int), ("vocab", _c_int), ("cache_len", _c_int), ("cache_rows", _c_int), ("pad", _c_int),
+                ("eps", ctypes.c_float), ("pad2", ctypes.c_float), ("inv_freq", _c_void), ("embed", _c_void),
+                ("norm", _c_void), ("out", _Lin), ("layers", _c_void), ("kc", _c_void), ("vc", _c_void),
+                ("cache_row_stride", ctypes.c_int64)]
+
+
+class Unsupported(Exception):
+    """The model has something the native kernels do not run (the reason is the message)."""
+
+
+def _f32(t: torch.Tensor, what: str) -> torch.Tensor:
+    if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+        raise Unsupported(f"{what} is {t.dtype} on {t.device}{'' if t.is_contiguous() else ', not contiguous'}")
+    return t
+
+
+def _linear(m: nn.Module, keep: list, what: str) -> _Lin:
+    """The kernels' description of one linear layer; tensors it points into are appended to `keep`."""
+    if isinstance(m, nn.Linear) and m.bias is None:
+        w = _f32(m.weight.detach(), what)
+        keep.append(w)
+        return _Lin(0, w.shape[0], w.shape[1], 0, w.data_ptr(), None, None)
+    if isinstance(m, Int8Linear) and m.in_features % 32 == 0:
+        scales = m.scales.float().contiguous()  # (out,) bf16 -> fp32, a small copy kept alive here
+        keep += [m.qweight, scales]
+        return _Lin(1, m.out_features, m.in_features, 0, m.qweight.data_ptr(), scales.data_ptr(), None)
+    if isinstance(m, Int4Linear):
+        keep += [m.codes, m.scale_min]
+        return _Lin(2, m.out_features, m.in_features, 0, m.codes.data_ptr(), None, m.scale_min.data_ptr())
+    raise Unsupported(f"{what} is a {type(m).__name__}")
+
+
+def run_linear(lib: ctypes.CDLL, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One linear layer (nn.Linear, Int8Linear, Int4Linear) through the native kernels: x (R, k) -> (R, n)."""
+    keep: list = []
+    lin = _linear(m, keep, type(m).__name__)
+    x = _f32(x.detach().float().contiguous(), "the input")
+    if x.dim() != 2 or x.shape[1] != lin.k:
+        raise SlmError(f"native linear: input of shape {tuple(x.shape)}, expected (rows, {lin.k})")
+    y = torch.empty(x.shape[0], lin.n, dtype=torch.float32)
+    if lib.slm_linear(ctypes.byref(lin), x.shape[0], x.data_ptr(), y.data_ptr(), torch.get_num_threads()) != 0:
+        raise SlmError(f"native linear: {type(m).__name__} of {lin.k} inputs: the kernels need a multiple of 32")
+    return y
+
+
+def _hooked(model: Transformer) -> bool:
+    """Forward hooks (e.g. FeatureTap's) must see the eager forward."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in (model, *model.layers._modules.values())) or bool(
+        nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+
+
+class NativeDecoder:
+    """`model`'s cached forward in the native kernels (see the module docstring)."""
+
+    def __init__(self, model: Transformer, lib: ctypes.CDLL):
+        c = model.config
+        if c.n_heads % c.n_kv_heads or c.head_dim % 2:
+            raise Unsupported("head layout")
+        self._model = weakref.ref(model)  # held by the caller; a strong reference here would keep `_decoders` alive
+        self.lib, self.keep = lib, []
+        emb = _f32(model.tok_embeddings.weight.detach(), "the token embedding")
+        inv_freq = _f32(model.inv_freq.float().contiguous(), "inv_freq")
+        norm = _f32(model.norm.weight.detach(), "the final norm")
+        self.keep += [emb, inv_freq, norm]
+        layers = (_Layer * c.n_layers)()
+        for i, block in enumerate(model.layers):
+            an = _f32(block.attention_norm.weight.detach(), f"layer {i} attention_norm")
+            fn = _f32(block.ffn_norm.weight.detach(), f"layer {i} ffn_norm")
+            self.keep += [an, fn]
+            layers[i] = _Layer(an.data_ptr(), fn.data_ptr(),
+                               *(_linear(m, self.keep, f"layer {i} {name}") for name, m in (
+                                   ("wqkv", block.attention.wqkv), ("wo", block.attention.wo),
+                                   ("w13", block.feed_forward.w13), ("w2", block.feed_forward.w2))))
+        self.layers = layers
+        self.kc = (ctypes.c_void_p * c.n_layers)()
+        self.vc = (ctypes.c_void_p * c.n_layers)()
+        self.desc = _Model(c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.vocab_size, 0, 0, 0,
+                           c.norm_eps, 0.0, inv_freq.data_ptr(), emb.data_ptr(), norm.data_ptr(),
+                           _linear(model.output, self.keep, "the output layer"), ctypes.addressof(layers),
+                           ctypes.addressof(self.kc), ctypes.addressof(self.vc), 0)
+        self.attentions = [block.attention for block in model.layers]
+        self.caches: list = []
+        self.stamp = _stamp(model)
+
+    @property
+    def model(self) -> Transformer:
+        return self._model()
+
+    def _bind_caches(self) -> None:
+        """Point the kernels at the model's current KV caches (the server swaps row views in and out)."""
+        caches = [att._modules["kv_cache"] for att in self.attentions]  # (nn.Module.__getattr__ is slow)
+        if len(caches) == len(self.caches) and all(a is b for a, b in zip(caches, self.caches)):
+            return
+        if any(cache is None for cache in caches):
+            raise RuntimeError("input_pos given but no KV cache: call setup_cache() first")
+        k0 = caches[0].k
+        rows, _, length, _ = k0.shape  # (B, Hkv, S, hd)
+        for i, cache in enumerate(caches):
+            for t in (cache.k, cache.v):
+                if t.dtype != torch.float32 or t.shape != k0.shape or t.stride() != k0.stride() or not t[0].is_contiguous():
+                    raise Unsupported("the KV cache layout")
+            self.kc[i], self.vc[i] = cache.k.data_ptr(), cache.v.data_ptr()
+        self.desc.cache_rows, self.desc.cache_len, self.desc.cache_row_stride = rows, length, k0.stride(0)
+        self.caches = caches
+
+    def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, *, logits_to_keep: int = 0) -> torch.Tensor:
+        """As `Transformer.forward(tokens, input_pos, logits_to_keep=...)` with a cache: (B, T) -> (B, T', V)."""
+        B, T = tokens.shape
+        model = self.model
+        if B * T > MAX_ROWS or torch.is_grad_enabled() or _hooked(model):
+            return model(tokens, input_pos, logits_to_keep=logits_to_keep)
+        self._bind_caches()
+        n = B * T
+        keep = min(logits_to_keep, T) if logits_to_keep else T
+        pos = input_pos.tolist()
+        pos = pos * B if input_pos.dim() == 1 else [p for row in pos for p in row]  # row r = (b, t)
+        rows = [b * T + t for b in range(B) for t in range(T - keep, T)]
+        logits = torch.empty(B * keep, self.desc.vocab, dtype=torch.float32)
+        arr = ctypes.c_int64 * n
+        rc = self.lib.slm_forward(
+            ctypes.byref(self.desc), n, arr(*tokens.reshape(-1).tolist()), arr(*[b for b in range(B) for _ in range(T)]),
+            arr(*pos), len(rows), (ctypes.c_int64 * len(rows))(*rows), logits.data_ptr(), torch.get_num_threads())
+        if rc != 0:
+            what = {-1: "a token id outside the vocabulary", -2: "a batch row beyond the KV cache",
+                    -3: f"a position beyond the KV cache length {self.desc.cache_len}"}.get(rc, f"bad arguments ({rc})")
+            raise SlmError(f"native forward: {what}")
+        return logits.view(B, keep, -1)
+
+
+def _stamp(model: Transformer) -> tuple:
+    """Which tensors a decoder was built over (a replaced parameter or layer makes a new one)."""
+    tensors = [*model.parameters(), *(b for name, b in model.named_buffers() if ".kv_cache." not in name)]
+    return tuple((id(t), t.data_ptr()) for t in tensors)
+
+
+_decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def decoder(model: Transformer) -> Callable[..., torch.Tensor]:
+    """A callable like `model(tokens, input_pos, logits_to_keep=...)` for cached decoding: the native
+    kernels when they run here and take this model, else the model itself with its linears packed."""
+    lib = library()
+    if lib is not None:
+        cached = _decoders.get(model)
+        if cached is not None and cached.stamp == _stamp(model):
+            return cached
+        try:
+            _decoders[model] = NativeDecoder(model, lib)
+            return _decoders[model]
+        except Unsupported:
+            _decoders.pop(model, None)
+    return pack(model)
+
+
+def decode_logits(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits (T, V) of a sequence (T,) as decoding computes them: through `decoder(model)` over a
+    fresh KV cache, in calls of at most MAX_ROWS tokens (each one a decode or verify step's shape).
+    What perplexity under `slm generate --quantize` must be measured with."""
+    model.setup_cache(1, len(tokens))
+    run = decoder(model)
+    with torch.inference_mode():
+        return torch.cat([run(tokens[None, i : i + MAX_ROWS], torch.arange(i, min(i + MAX_ROWS, len(tokens))))[0]
+                          for i in range(0, len(tokens), MAX_ROWS)])

@@ -1,0 +1,568 @@
+// slm's native decode step: one call runs a cached forward of a few query rows through the whole
+// model (the LLaMA-2 math of slm/model.py), inside one OpenMP parallel region.
+//
+// Why: at batch 1 a decode step is ~30 layers x ~15 small ops. In eager PyTorch each op costs
+// microseconds of dispatch and each matmul a fork/join, so a 135M model spends a third of its step
+// outside the weight stream; and the int8/int4 matmuls PyTorch offers on AVX2 CPUs convert the
+// activations to bf16 and reach a fraction of the memory bound. Here the weights are streamed once
+// per step by kernels written for it (llama.cpp's approach: activations quantised to int8 in blocks
+// of 32 for the integer dot products), and the threads meet at barriers instead of forking per op.
+//
+// Batch invariance: every output element is computed by the same code in the same order whatever
+// the number of rows in the call, so verifying K+1 speculative tokens in one call gives bit for bit
+// the logits of K+1 single-token steps (speculative output stays identical to plain decoding).
+//
+// Plain C ABI (loaded with ctypes): no Python or torch headers, so it builds in seconds.
+// The layout structs mirror slm/native/engine.py; keep the two in step.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#include <omp.h>
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define SLM_AVX2 1
+#else
+#define SLM_AVX2 0
+#endif
+
+extern "C" {
+
+// A linear layer y = x W^T, W (n, k).
+//   kind 0: fp32 W, row-major.
+//   kind 1: int8 W (n, k) with one fp32 scale per output row (s).
+//   kind 2: 4-bit codes (n, k/2), per 32-block fp16 (scale, min) pairs (sm, (n, k/32, 2)):
+//           W = q * scale + min, q in 0..15; byte j of a block holds element j (low nibble) and
+//           element j + 16 (high nibble), llama.cpp's Q4 layout.
+struct Lin {
+  int32_t kind, n, k, pad;
+  const void* w;
+  const float* s;
+  const uint16_t* sm;
+};
+
+struct Layer {
+  const float* attn_norm;
+  const float* ffn_norm;
+  Lin wqkv, wo, w13, w2;
+};
+
+struct Model {
+  int32_t n_layers, dim, n_heads, n_kv, head_dim, ffn, vocab, cache_len;
+  int32_t cache_rows, pad;
+  float eps, pad2;
+  const float* inv_freq;  // (head_dim / 2,)
+  const float* embed;     // (vocab, dim)
+  const float* norm;      // (dim,)
+  Lin out;
+  const Layer* layers;    // (n_layers,)
+  float* const* kc;       // (n_layers,) each (cache_rows, n_kv, cache_len, head_dim)
+  float* const* vc;
+  int64_t cache_row_stride;  // elements between cache rows (n_kv * cache_len * head_dim when contiguous)
+};
+
+int slm_native_abi() { return 3; }
+int slm_native_simd() { return SLM_AVX2; }
+
+}  // extern "C"
+
+namespace {
+
+constexpr int QB = 32;  // quantisation block of activations and of int4 weights
+constexpr int PREFETCH = 8192;  // bytes ahead in the weight stream (the hardware prefetcher alone falls short)
+
+// ---- small vector helpers --------------------------------------------------------------------
+
+#if SLM_AVX2
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// exp(x) for x in float range: Cephes' expf polynomial after reduction by ln 2 (about 1 ulp).
+inline __m256 exp256(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r);
+  y = _mm256_add_ps(y, _mm256_set1_ps(1.0f));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+#endif
+
+inline float dot_f32(const float* a, const float* b, int k) {
+  int i = 0;
+  float sum = 0.f;
+#if SLM_AVX2
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (; i + 32 <= k; i += 32) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), a3);
+  }
+  for (; i + 8 <= k; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), a0);
+  sum = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+#endif
+  for (; i < k; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// y += a * x
+inline void axpy(float a, const float* x, float* y, int k) {
+  int i = 0;
+#if SLM_AVX2
+  __m256 va = _mm256_set1_ps(a);
+  for (; i + 8 <= k; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+#endif
+  for (; i < k; ++i) y[i] += a * x[i];
+}
+
+inline float half_to_float(uint16_t h) {
+#if SLM_AVX2
+  return _cvtsh_ss(h);
+#else
+  uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: renormalise
+      exp = 127 - 15 + 1;
+      while (!(man & 0x400)) { man <<= 1; --exp; }
+      bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000 | (man << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+#endif
+}
+
+// ---- activations quantised to int8 in blocks of 32 -------------------------------------------
+
+struct QRow {  // one row of k activations: q (k,), scale (k/32,), scale * sum(q) per block (k/32,)
+  int8_t* q;
+  float* s;
+  float* qsum;
+};
+
+void quantize_row(const float* x, int k, QRow out) {
+  for (int b = 0; b < k / QB; ++b) {
+    const float* xb = x + b * QB;
+    float amax = 0.f;
+    for (int i = 0; i < QB; ++i) amax = std::fmax(amax, std::fabs(xb[i]));
+    float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+    int sum = 0;
+    for (int i = 0; i < QB; ++i) {
+      int v = (int)std::nearbyint(xb[i] * id);
+      out.q[b * QB + i] = (int8_t)v;
+      sum += v;
+    }
+    out.s[b] = d;
+    out.qsum[b] = d * (float)sum;
+  }
+}
+
+// ---- the matmul tiles: JB output features x RB rows, each weight block read once per tile --------
+//
+// Every (feature, row) pair has one accumulator that sums over k in the same order in every tile
+// shape, so an output element does not depend on how many rows the call has (batch invariance).
+
+template <int JB, int RB>
+void tile_f32(const float* w, int k, const float* const* x, float* const* y, int j) {
+#if SLM_AVX2
+  __m256 acc[JB][RB];
+  for (int a = 0; a < JB; ++a)
+    for (int r = 0; r < RB; ++r) acc[a][r] = _mm256_setzero_ps();
+  int i = 0;
+  for (; i + 8 <= k; i += 8) {
+    __m256 vw[JB];
+    for (int a = 0; a < JB; ++a) {
+      _mm_prefetch((const char*)(w + (size_t)a * k + i) + PREFETCH, _MM_HINT_T0);
+      vw[a] = _mm256_loadu_ps(w + (size_t)a * k + i);
+    }
+    for (int r = 0; r < RB; ++r) {
+      __m256 vx = _mm256_loadu_ps(x[r] + i);
+      for (int a = 0; a < JB; ++a) acc[a][r] = _mm256_fmadd_ps(vw[a], vx, acc[a][r]);
+    }
+  }
+  for (int a = 0; a < JB; ++a)
+    for (int r = 0; r < RB; ++r) {
+      float v = hsum(acc[a][r]);
+      for (int t = i; t < k; ++t) v += w[(size_t)a * k + t] * x[r][t];
+      y[r][j + a] = v;
+    }
+#else
+  for (int a = 0; a < JB; ++a)
+    for (int r = 0; r < RB; ++r) {
+      float v = 0.f;
+      for (int t = 0; t < k; ++t) v += w[(size_t)a * k + t] * x[r][t];
+      y[r][j + a] = v;
+    }
+#endif
+}
+
+template <int JB, int RB>
+void tile_q8(const int8_t* w, const float* wscale, int k, const QRow* x, float* const* y, int j) {
+  const int nb = k / QB;
+#if SLM_AVX2
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[JB][RB];
+  for (int a = 0; a < JB; ++a)
+    for (int r = 0; r < RB; ++r) acc[a][r] = _mm256_setzero_ps();
+  for (int b = 0; b < nb; ++b) {
+    __m256i vw[JB], aw[JB];
+    for (int a = 0; a < JB; ++a) {
+      _mm_prefetch((const char*)(w + (size_t)a * k + b * QB) + PREFETCH, _MM_HINT_T0);
+      vw[a] = _mm256_loadu_si256((const __m256i*)(w + (size_t)a * k + b * QB));
+      aw[a] = _mm256_sign_epi8(vw[a], vw[a]);
+    }
+    for (int r = 0; r < RB; ++r) {
+      __m256i vx = _mm256_loadu_si256((const __m256i*)(x[r].q + b * QB));
+      __m256 xs = _mm256_set1_ps(x[r].s[b]);
+      for (int a = 0; a < JB; ++a) {
+        // maddubs multiplies unsigned by signed bytes: move w's sign onto x. |w|, |x| <= 127, so
+        // the pairwise int16 sums (<= 2 * 127 * 127) never saturate.
+        __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(aw[a], _mm256_sign_epi8(vx, vw[a])), ones);
+        acc[a][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), xs, acc[a][r]);
+      }
+    }
+  }
+  for (int a = 0; a < JB; ++a)
+    for (int r = 0; r < RB; ++r) y[r][j + a] = hsum(acc[a][r]) * wscale[a];
+#else
+  for (int a = 0; a < JB; ++a)
+    for (int r = 0; r < RB; ++r) {
+      float sum = 0.f;
+      for (int b = 0; b < nb; ++b) {
+        int d = 0;
+        for (int i = 0; i < QB; ++i) d += (int)w[(size_t)a * k + b * QB + i] * (int)x[r].q[b * QB + i];
+        sum += (float)d * x[r].s[b];
+      }
+      y[r][j + a] = sum * wscale[a];
+    }
+#endif
+}
+
+template <int JB, int RB>
+void tile_q4(const uint8_t* codes, const uint16_t* sm, int k, const QRow* x, float* const* y, int j) {
+  const int nb = k / QB;
+  float msum[JB][RB] = {};
+#if SLM_AVX2
+  const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0f);
+  __m256 acc[JB][RB];
+  for (int a = 0; a < JB; ++a)
+    for (int r = 0; r < RB; ++r) acc[a][r] = _mm256_setzero_ps();
+  for (int b = 0; b < nb; ++b) {
+    __m256i q[JB];
+    float scale[JB], mn[JB];
+    for (int a = 0; a < JB; ++a) {
+      _mm_prefetch((const char*)(codes + (size_t)a * (k / 2) + b * 16) + PREFETCH, _MM_HINT_T0);
+      __m128i v = _mm_loadu_si128((const __m128i*)(codes + (size_t)a * (k / 2) + b * 16));
+      q[a] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), low);  // elements 0..31, each 0..15
+      scale[a] = _cvtsh_ss(sm[(size_t)a * nb * 2 + 2 * b]);
+      mn[a] = _cvtsh_ss(sm[(size_t)a * nb * 2 + 2 * b + 1]);
+    }
+    for (int r = 0; r < RB; ++r) {
+      __m256i vx = _mm256_loadu_si256((const __m256i*)(x[r].q + b * QB));
+      for (int a = 0; a < JB; ++a) {
+        __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(q[a], vx), ones);  // q <= 15: no saturation
+        acc[a][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(scale[a] * x[r].s[b]), acc[a][r]);
+        msum[a][r] += mn[a] * x[r].qsum[b];
+      }
+    }
+  }
+  for (int a = 0; a < JB; ++a)
+    for (int r = 0; r < RB; ++r) y[r][j + a] = hsum(acc[a][r]) + msum[a][r];
+#else
+  for (int a = 0; a < JB; ++a)
+    for (int r = 0; r < RB; ++r) {
+      float sum = 0.f;
+      for (int b = 0; b < nb; ++b) {
+        const uint8_t* c = codes + (size_t)a * (k / 2) + b * 16;
+        int d = 0;
+        for (int i = 0; i < 16; ++i)
+          d += (int)(c[i] & 0x0f) * (int)x[r].q[b * QB + i] + (int)(c[i] >> 4) * (int)x[r].q[b * QB + i + 16];
+        sum += (float)d * half_to_float(sm[(size_t)a * nb * 2 + 2 * b]) * x[r].s[b];
+        msum[a][r] += half_to_float(sm[(size_t)a * nb * 2 + 2 * b + 1]) * x[r].qsum[b];
+      }
+      y[r][j + a] = sum + msum[a][r];
+    }
+#endif
+}
+
+constexpr int TILE_J = 2, TILE_R = 4;
+
+// One tile of lin at features j.. (jb of them) and rows x[0..rb) -> y[r][j..].
+template <int JB, int RB>
+void tile(const Lin& lin, int j, const float* const* xf, const QRow* xq, float* const* y) {
+  const size_t k = (size_t)lin.k;
+  if (lin.kind == 0) {
+    tile_f32<JB, RB>((const float*)lin.w + j * k, lin.k, xf, y, j);
+  } else if (lin.kind == 1) {
+    tile_q8<JB, RB>((const int8_t*)lin.w + j * k, lin.s + j, lin.k, xq, y, j);
+  } else {
+    tile_q4<JB, RB>((const uint8_t*)lin.w + j * (k / 2), lin.sm + j * (k / QB) * 2, lin.k, xq, y, j);
+  }
+}
+
+template <int JB>
+void tile_rows(const Lin& lin, int j, int rb, const float* const* xf, const QRow* xq, float* const* y) {
+  switch (rb) {
+    case 1: tile<JB, 1>(lin, j, xf, xq, y); break;
+    case 2: tile<JB, 2>(lin, j, xf, xq, y); break;
+    case 3: tile<JB, 3>(lin, j, xf, xq, y); break;
+    default: tile<JB, 4>(lin, j, xf, xq, y); break;
+  }
+}
+
+// ---- the building blocks, each called by every thread of the parallel region -----------------
+
+// Rows of activations, fp32 and (for quantised layers) their int8 blocks.
+struct Acts {
+  std::vector<float> f;
+  std::vector<int8_t> q;
+  std::vector<float> s, qsum;
+  int k = 0;
+  void resize(int rows, int k_) {
+    k = k_;
+    f.assign((size_t)rows * k, 0.f);
+    q.assign((size_t)rows * k, 0);
+    s.assign((size_t)rows * k / QB + 1, 0.f);
+    qsum.assign((size_t)rows * k / QB + 1, 0.f);
+  }
+  float* row(int r) { return f.data() + (size_t)r * k; }
+  QRow qrow(int r) { return QRow{q.data() + (size_t)r * k, s.data() + (size_t)r * k / QB, qsum.data() + (size_t)r * k / QB}; }
+};
+
+// Quantise rows (when `lin` needs it). Work-shared over rows, then a barrier.
+void prepare_input(const Lin& lin, Acts& a, int rows) {
+  if (lin.kind != 0) {
+#pragma omp for schedule(static)
+    for (int r = 0; r < rows; ++r) quantize_row(a.row(r), a.k, a.qrow(r));
+  }
+}
+
+// y (rows, lin.n) = x W^T, work-shared over pairs of output features; an implicit barrier at the end.
+void linear(const Lin& lin, Acts& x, int rows, float* y) {
+  const int n = lin.n;
+#pragma omp for schedule(static)
+  for (int jt = 0; jt < (n + TILE_J - 1) / TILE_J; ++jt) {
+    const int j = jt * TILE_J;
+    for (int r0 = 0; r0 < rows; r0 += TILE_R) {
+      const int rb = rows - r0 < TILE_R ? rows - r0 : TILE_R;
+      const float* xf[TILE_R];
+      QRow xq[TILE_R];
+      float* yr[TILE_R];
+      for (int r = 0; r < rb; ++r) {
+        xf[r] = x.row(r0 + r);
+        xq[r] = x.qrow(r0 + r);
+        yr[r] = y + (size_t)(r0 + r) * n;
+      }
+      if (j + TILE_J <= n) {
+        tile_rows<TILE_J>(lin, j, rb, xf, xq, yr);
+      } else {
+        for (int jj = j; jj < n; ++jj) tile_rows<1>(lin, jj, rb, xf, xq, yr);
+      }
+    }
+  }
+}
+
+void rmsnorm(const float* x, const float* w, float* y, int n, float eps) {
+  float ss = 0.f;
+  for (int i = 0; i < n; ++i) ss += x[i] * x[i];
+  float inv = 1.f / std::sqrt(ss / (float)n + eps);
+  for (int i = 0; i < n; ++i) y[i] = x[i] * inv * w[i];
+}
+
+// Rotate one head in place (the non-interleaved "rotate_half" layout of Hugging Face LLaMA).
+void rope(float* h, const float* cos_, const float* sin_, int hd) {
+  int half = hd / 2;
+  for (int i = 0; i < half; ++i) {
+    float x1 = h[i], x2 = h[i + half];
+    h[i] = x1 * cos_[i] - x2 * sin_[i];
+    h[i + half] = x2 * cos_[i] + x1 * sin_[i];
+  }
+}
+
+// In-place softmax numerators: s[j] = exp(s[j] - max), returns their sum.
+float softmax_numerators(float* s, int n) {
+  float mx = -INFINITY;
+  for (int j = 0; j < n; ++j) mx = std::fmax(mx, s[j]);
+  float sum = 0.f;
+  int j = 0;
+#if SLM_AVX2
+  __m256 vmx = _mm256_set1_ps(mx), vs = _mm256_setzero_ps();
+  for (; j + 8 <= n; j += 8) {
+    __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), vmx));
+    _mm256_storeu_ps(s + j, e);
+    vs = _mm256_add_ps(vs, e);
+  }
+  sum = hsum(vs);
+#endif
+  for (; j < n; ++j) {
+    s[j] = std::exp(s[j] - mx);
+    sum += s[j];
+  }
+  return sum;
+}
+
+// a (n,) = silu(gate) * up
+void swiglu(const float* gate, const float* up, float* a, int n) {
+  int i = 0;
+#if SLM_AVX2
+  const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    __m256 g = _mm256_loadu_ps(gate + i);
+    __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, exp256(_mm256_sub_ps(zero, g))));
+    _mm256_storeu_ps(a + i, _mm256_mul_ps(_mm256_mul_ps(g, sig), _mm256_loadu_ps(up + i)));
+  }
+#endif
+  for (; i < n; ++i) a[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+}
+
+}  // namespace
+
+extern "C" {
+
+// Forward `rows` query rows: row r is token tokens[r] of cache row seq[r] at position pos[r]. Each
+// row's keys/values are written into its cache row at its position; each query attends to positions
+// 0..pos[r] of its own cache row (so rows written by this call are seen by later positions of the
+// same sequence, as in Transformer.forward). Logits of rows logit_rows[0..n_logits) go to logits
+// (n_logits, vocab). Returns 0, or a negative code for arguments out of range (nothing is written).
+int slm_forward(const Model* m, int rows, const int64_t* tokens, const int64_t* seq, const int64_t* pos,
+                int n_logits, const int64_t* logit_rows, float* logits, int nthreads) {
+  const int D = m->dim, H = m->n_heads, Hkv = m->n_kv, hd = m->head_dim, F = m->ffn;
+  const int qkv_n = (H + 2 * Hkv) * hd, S = m->cache_len;
+  for (int r = 0; r < rows; ++r) {
+    if (tokens[r] < 0 || tokens[r] >= m->vocab) return -1;
+    if (seq[r] < 0 || seq[r] >= m->cache_rows) return -2;
+    if (pos[r] < 0 || pos[r] >= S) return -3;
+  }
+  for (int i = 0; i < n_logits; ++i)
+    if (logit_rows[i] < 0 || logit_rows[i] >= rows) return -4;
+
+  std::vector<float> x((size_t)rows * D), qkv((size_t)rows * qkv_n), y((size_t)rows * D);
+  std::vector<float> gu((size_t)rows * 2 * F), cs((size_t)rows * hd);  // cos | sin per row
+  Acts h, att, a, fin;
+  h.resize(rows, D);
+  att.resize(rows, H * hd);
+  a.resize(rows, F);
+  fin.resize(n_logits, D);
+  if (nthreads < 1) nthreads = 1;
+  std::vector<float> scores((size_t)nthreads * S);
+  const float scale = 1.f / std::sqrt((float)hd);
+  const int group = H / Hkv;
+
+  for (int r = 0; r < rows; ++r) {
+    std::memcpy(x.data() + (size_t)r * D, m->embed + (size_t)tokens[r] * D, sizeof(float) * D);
+    for (int i = 0; i < hd / 2; ++i) {
+      float f = (float)pos[r] * m->inv_freq[i];
+      cs[(size_t)r * hd + i] = std::cos(f);
+      cs[(size_t)r * hd + hd / 2 + i] = std::sin(f);
+    }
+  }
+
+#pragma omp parallel num_threads(nthreads)
+  {
+    float* sc = scores.data() + (size_t)omp_get_thread_num() * S;
+    for (int l = 0; l < m->n_layers; ++l) {
+      const Layer& L = m->layers[l];
+      float *kc = m->kc[l], *vc = m->vc[l];
+#pragma omp for schedule(static)
+      for (int r = 0; r < rows; ++r) rmsnorm(x.data() + (size_t)r * D, L.attn_norm, h.row(r), D, m->eps);
+      prepare_input(L.wqkv, h, rows);
+      linear(L.wqkv, h, rows, qkv.data());
+      // RoPE on q and k heads; k and v into the cache at (seq, pos).
+#pragma omp for schedule(static)
+      for (int r = 0; r < rows; ++r) {
+        float* row = qkv.data() + (size_t)r * qkv_n;
+        const float* c = cs.data() + (size_t)r * hd;
+        for (int hh = 0; hh < H + Hkv; ++hh) rope(row + hh * hd, c, c + hd / 2, hd);
+        for (int g = 0; g < Hkv; ++g) {
+          size_t at = (size_t)seq[r] * m->cache_row_stride + ((size_t)g * S + pos[r]) * hd;
+          std::memcpy(kc + at, row + (H + g) * hd, sizeof(float) * hd);
+          std::memcpy(vc + at, row + (H + Hkv + g) * hd, sizeof(float) * hd);
+        }
+      }
+      // Attention: each (row, head) over positions 0..pos of its cache row.
+#pragma omp for schedule(static) collapse(2)
+      for (int r = 0; r < rows; ++r) {
+        for (int hh = 0; hh < H; ++hh) {
+          const float* q = qkv.data() + (size_t)r * qkv_n + hh * hd;
+          size_t base = (size_t)seq[r] * m->cache_row_stride + (size_t)(hh / group) * S * hd;
+          const float *kb = kc + base, *vb = vc + base;
+          int n = (int)pos[r] + 1;
+          for (int j = 0; j < n; ++j) sc[j] = dot_f32(q, kb + (size_t)j * hd, hd) * scale;
+          float inv = 1.f / softmax_numerators(sc, n);
+          float* o = att.row(r) + hh * hd;
+          std::memset(o, 0, sizeof(float) * hd);
+          for (int j = 0; j < n; ++j) axpy(sc[j] * inv, vb + (size_t)j * hd, o, hd);
+        }
+      }
+      prepare_input(L.wo, att, rows);
+      linear(L.wo, att, rows, y.data());
+#pragma omp for schedule(static)
+      for (int r = 0; r < rows; ++r) {
+        float* xr = x.data() + (size_t)r * D;
+        for (int i = 0; i < D; ++i) xr[i] += y[(size_t)r * D + i];
+        rmsnorm(xr, L.ffn_norm, h.row(r), D, m->eps);
+      }
+      prepare_input(L.w13, h, rows);
+      linear(L.w13, h, rows, gu.data());
+#pragma omp for schedule(static)
+      for (int r = 0; r < rows; ++r) {
+        const float* g = gu.data() + (size_t)r * 2 * F;
+        swiglu(g, g + F, a.row(r), F);
+      }
+      prepare_input(L.w2, a, rows);
+      linear(L.w2, a, rows, y.data());
+#pragma omp for schedule(static)
+      for (int r = 0; r < rows; ++r) {
+        float* xr = x.data() + (size_t)r * D;
+        for (int i = 0; i < D; ++i) xr[i] += y[(size_t)r * D + i];
+      }
+    }
+#pragma omp for schedule(static)
+    for (int i = 0; i < n_logits; ++i) rmsnorm(x.data() + (size_t)logit_rows[i] * D, m->norm, fin.row(i), D, m->eps);
+    prepare_input(m->out, fin, n_logits);
+    linear(m->out, fin, n_logits, logits);
+  }
+  return 0;
+}
+
+}  // extern "C"
+
+extern "C" {
+
+// y (rows, lin->n) = x (rows, lin->k) W^T with the kernels slm_forward uses (for tests and benchmarks).
+int slm_linear(const Lin* lin, int rows, const float* x, float* y, int nthreads) {
+  if (rows < 1 || (lin->kind != 0 && lin->k % QB)) return -4;
+  Acts a;
+  a.resize(rows, lin->k);
+  std::memcpy(a.f.data(), x, sizeof(float) * (size_t)rows * lin->k);
+#pragma omp parallel num_threads(nthreads < 1 ? 1 : nthreads)
+  {
+    prepare_input(*lin, a, rows);
+    linear(*lin, a, rows, y);
+  }
+  return 0;
+}
+
+}  // extern "C"
