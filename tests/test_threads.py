@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+import torch
+
 from slm.errors import SlmError
 from slm.threads import busy_cores, choose_threads, usable_cores
 
@@ -45,3 +47,17 @@ def test_a_busy_process_is_seen():
         spin.kill()
         spin.wait()
     assert during >= before + 0.5 or during >= usable_cores() - 0.2, (before, during)
+
+
+def test_the_native_kernels_are_pinned_by_threads_and_adaptive_without(monkeypatch):
+    from slm import threads
+
+    monkeypatch.setattr(threads, "_native", None)
+    assert threads.native_threads() == (torch.get_num_threads(), True)  # slm as a library
+    n = torch.get_num_threads()
+    try:
+        assert threads.set_threads(1) == 1 and threads.native_threads() == (1, False)  # --threads 1: exactly 1
+        chosen = threads.set_threads(None)
+        assert threads.native_threads() == (max(chosen, threads.usable_cores()), True)
+    finally:
+        torch.set_num_threads(n)

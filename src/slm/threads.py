@@ -6,6 +6,10 @@ that core runs a fraction of the time and every step waits for it: measured here
 background process on 2 cores, `--threads 2` fell to 0.8-5.7 tokens/s while `--threads 1` gave
 8-15 (issue 16). So the default counts the cores that were idle over a short window (/proc/stat;
 elsewhere the load average) and uses that many, at least one. `--threads N` overrides it.
+
+slm's native decode kernels (`slm.native`) go one step further without `--threads`: they may use any
+usable core and pick the count by measured step time while they run (`native_threads`), so a
+machine that gets busy or quiet mid-run is followed. `--threads N` pins them to N.
 """
 
 from __future__ import annotations
@@ -70,8 +74,20 @@ def choose_threads(requested: int | None = None) -> int:
     return max(1, min(usable, math.floor(free + 0.3)))
 
 
+_native: tuple[int, bool] | None = None  # set_threads' choice for the native kernels: (threads, adaptive)
+
+
 def set_threads(requested: int | None = None) -> int:
-    """Set torch's intra-op threads to `choose_threads(requested)`; returns the number."""
+    """Set torch's intra-op threads to `choose_threads(requested)`; returns the number. Also what the
+    native kernels may use: exactly `requested` if given, else up to every usable core, by measurement."""
+    global _native
     n = choose_threads(requested)
     torch.set_num_threads(n)
+    _native = (n, False) if requested is not None else (max(n, usable_cores()), True)
     return n
+
+
+def native_threads() -> tuple[int, bool]:
+    """(threads, adaptive) for the native kernels: set_threads' choice, or, where it was never called
+    (slm as a library), up to torch's thread count, by measurement."""
+    return _native if _native is not None else (torch.get_num_threads(), True)

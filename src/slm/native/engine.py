@@ -15,6 +15,7 @@ kernels do not take) runs eagerly, packed (`slm.pack`), exactly as before.
 from __future__ import annotations
 
 import ctypes
+import time
 import weakref
 from collections.abc import Callable
 
@@ -26,6 +27,7 @@ from slm.model import Transformer
 from slm.native.build import library
 from slm.pack import pack
 from slm.quantize import Int4Linear, Int8Linear
+from slm.threads import native_threads
 
 MAX_ROWS = 32  # more query rows than this (a prefill) go to PyTorch's GEMMs
 _c_int, _c_void = ctypes.c_int32, ctypes.c_void_p
@@ -82,7 +84,7 @@ def run_linear(lib: ctypes.CDLL, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if x.dim() != 2 or x.shape[1] != lin.k:
         raise SlmError(f"native linear: input of shape {tuple(x.shape)}, expected (rows, {lin.k})")
     y = torch.empty(x.shape[0], lin.n, dtype=torch.float32)
-    if lib.slm_linear(ctypes.byref(lin), x.shape[0], x.data_ptr(), y.data_ptr(), torch.get_num_threads()) != 0:
+    if lib.slm_linear(ctypes.byref(lin), x.shape[0], x.data_ptr(), y.data_ptr(), native_threads()[0]) != 0:
         raise SlmError(f"native linear: {type(m).__name__} of {lin.k} inputs: the kernels need a multiple of 32")
     return y
 
@@ -91,6 +93,59 @@ def _hooked(model: Transformer) -> bool:
     """Forward hooks (e.g. FeatureTap's) must see the eager forward."""
     return any(m._forward_hooks or m._forward_pre_hooks for m in (model, *model.layers._modules.values())) or bool(
         nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+
+
+class ThreadChooser:
+    """How many threads the next native call runs on: the count with the lowest measured cost per
+    single-row call (a decode step), among max, max/2, ..., 1; each other count is re-measured now
+    and then (after EXPLORE calls, backing off up to 8x while it keeps losing by far).
+
+    Why: the kernels' threads meet at a barrier about ten times per layer. When another process takes
+    a core, the thread that lost it holds the others at every barrier: measured on 2 cores with two
+    background processes, 2 threads ran a SmolLM2 step in 164-570 ms against 43 ms on 1 thread, while
+    on an idle machine 2 threads are ~1.7x faster than 1. So the count follows measurement, and a
+    machine that gets busy (or quiet) mid-run is noticed within a few dozen steps. Used unless the
+    count was pinned (`--threads N`: `slm.threads.native_threads`)."""
+
+    EXPLORE = 48
+    ALPHA = 0.3  # weight of a new measurement in the running cost of the count in use
+
+    def __init__(self):
+        self.cost: dict[int, float] = {}
+        self.seen: dict[int, int] = {}  # count -> the call at which it was last measured
+        self.wait: dict[int, int] = {}  # count -> calls between its re-measurements
+        self.calls = 0
+
+    @staticmethod
+    def candidates(max_threads: int) -> list[int]:
+        out, t = [], max(1, max_threads)
+        while t >= 1 and t not in out:
+            out.append(t)
+            t //= 2
+        return out
+
+    def pick(self, max_threads: int) -> int:
+        self.calls += 1
+        cands = self.candidates(max_threads)
+        unmeasured = [t for t in cands if t not in self.cost]
+        if unmeasured:
+            return unmeasured[0]
+        best = min(cands, key=self.cost.__getitem__)
+        due = [t for t in cands if t != best and self.calls - self.seen[t] >= self.wait.get(t, self.EXPLORE)]
+        return due[0] if due else best
+
+    def record(self, threads: int, seconds: float) -> None:
+        """A running average while a count is in use; a count measured again after a while (a probe)
+        starts afresh, since what it cost back then says little about the machine now."""
+        old = self.cost.get(threads)
+        probe = old is None or self.calls - self.seen.get(threads, -1) > 1
+        self.cost[threads] = seconds if probe else (1 - self.ALPHA) * old + self.ALPHA * seconds
+        self.seen[threads] = self.calls
+        if probe:
+            best = min(self.cost.values())
+            lost_by_far = seconds > 1.5 * best
+            self.wait[threads] = min(8 * self.EXPLORE, 2 * self.wait.get(threads, self.EXPLORE)) if lost_by_far \
+                else self.EXPLORE
 
 
 class NativeDecoder:
@@ -125,6 +180,7 @@ class NativeDecoder:
         self.attentions = [block.attention for block in model.layers]
         self.caches: list = []
         self.stamp = _stamp(model)
+        self.threads = ThreadChooser()
 
     @property
     def model(self) -> Transformer:
@@ -161,9 +217,14 @@ class NativeDecoder:
         rows = [b * T + t for b in range(B) for t in range(T - keep, T)]
         logits = torch.empty(B * keep, self.desc.vocab, dtype=torch.float32)
         arr = ctypes.c_int64 * n
+        most, adaptive = native_threads()
+        threads = self.threads.pick(most) if adaptive else most
+        t0 = time.perf_counter()
         rc = self.lib.slm_forward(
             ctypes.byref(self.desc), n, arr(*tokens.reshape(-1).tolist()), arr(*[b for b in range(B) for _ in range(T)]),
-            arr(*pos), len(rows), (ctypes.c_int64 * len(rows))(*rows), logits.data_ptr(), torch.get_num_threads())
+            arr(*pos), len(rows), (ctypes.c_int64 * len(rows))(*rows), logits.data_ptr(), threads)
+        if n == 1:
+            self.threads.record(threads, time.perf_counter() - t0)
         if rc != 0:
             what = {-1: "a token id outside the vocabulary", -2: "a batch row beyond the KV cache",
                     -3: f"a position beyond the KV cache length {self.desc.cache_len}"}.get(rc, f"bad arguments ({rc})")
