@@ -90,7 +90,7 @@ class Int4Linear(nn.Module):
     checks every token), not for the lm_head (see `draft_copy`).
 
     codes (out, in/2) uint8: byte j of a group holds element j (low nibble) and element j + 16 (high
-    nibble). slm's native kernels (`slm.native`) read this layout directly; without them the layer
+    nibble); scale_min (out, 2, in/32) fp16: a row's scales, then its mins. slm's native kernels (`slm.native`) read this layout directly; without them the layer
     runs PyTorch's `_weight_int4pack_mm_for_cpu` (bf16 activations) on a copy it makes once in that
     kernel's own layout (W = (q - 8) * scale + zero with bf16 scale and zero: rounds slightly differently)."""
 
@@ -99,14 +99,15 @@ class Int4Linear(nn.Module):
     def __init__(self, codes: torch.Tensor, scale_min: torch.Tensor):
         super().__init__()
         self.register_buffer("codes", codes)  # (out, in/2) uint8
-        self.register_buffer("scale_min", scale_min)  # (out, in/32, 2) fp16
+        self.register_buffer("scale_min", scale_min)  # (out, 2, in/32) fp16: each row's scales, then its mins
         self.out_features, self.in_features = codes.shape[0], codes.shape[1] * 2
         self._torch_packed = None
 
     @staticmethod
     def supports(weight: torch.Tensor) -> bool:
         out_features, in_features = weight.shape
-        return out_features % 16 == 0 and in_features % Int4Linear.GROUP == 0 and weight.device.type == "cpu"
+        return (out_features % 16 == 0 and in_features % Int4Linear.GROUP == 0 and weight.device.type == "cpu"
+                and in_features <= 512 * Int4Linear.GROUP)  # the native kernels' MAX_BLOCKS
 
     @classmethod
     @torch.no_grad()
@@ -120,7 +121,7 @@ class Int4Linear(nn.Module):
         mn = lo.half().float()
         q = ((groups - mn) / scale).round().clamp(0, 15).to(torch.uint8)  # (out, in/g, g)
         codes = q[..., : g // 2] | (q[..., g // 2 :] << 4)  # (out, in/g, g/2)
-        scale_min = torch.cat([scale, mn], dim=-1).half()  # (out, in/g, 2)
+        scale_min = torch.stack([scale[..., 0], mn[..., 0]], dim=1).half()  # (out, 2, in/g)
         return cls(codes.reshape(out_features, in_features // 2).contiguous(), scale_min.contiguous())
 
     def codes_unpacked(self) -> torch.Tensor:
@@ -131,16 +132,16 @@ class Int4Linear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """The weight this layer multiplies by (in the native kernels), as fp32 (out, in)."""
         q = self.codes_unpacked().float().view(self.out_features, -1, self.GROUP)  # (out, in/g, g)
-        sm = self.scale_min.float()  # (out, in/g, 2)
-        return (q * sm[..., :1] + sm[..., 1:]).reshape(self.out_features, self.in_features)
+        sm = self.scale_min.float()  # (out, 2, in/g)
+        return (q * sm[:, 0, :, None] + sm[:, 1, :, None]).reshape(self.out_features, self.in_features)
 
     def _torch_layout(self):
         if self._torch_packed is None:
             q = self.codes_unpacked().to(torch.int32)
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
-            sm = self.scale_min.float()
-            zeros = sm[..., 1] + 8 * sm[..., 0]  # W = (q - 8) * scale + zero
-            sz = torch.stack([sm[..., 0], zeros], dim=-1)  # (out, in/g, 2)
+            sm = self.scale_min.float()  # (out, 2, in/g)
+            zeros = sm[:, 1] + 8 * sm[:, 0]  # W = (q - 8) * scale + zero
+            sz = torch.stack([sm[:, 0], zeros], dim=-1)  # (out, in/g, 2)
             self._torch_packed = (packed, sz.transpose(0, 1).contiguous().to(torch.bfloat16))
         return self._torch_packed
 

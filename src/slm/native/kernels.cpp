@@ -32,7 +32,7 @@ extern "C" {
 // A linear layer y = x W^T, W (n, k).
 //   kind 0: fp32 W, row-major.
 //   kind 1: int8 W (n, k) with one fp32 scale per output row (s).
-//   kind 2: 4-bit codes (n, k/2), per 32-block fp16 (scale, min) pairs (sm, (n, k/32, 2)):
+//   kind 2: 4-bit codes (n, k/2), per 32-block fp16 scales then mins (sm, (n, 2, k/32)):
 //           W = q * scale + min, q in 0..15; byte j of a block holds element j (low nibble) and
 //           element j + 16 (high nibble), llama.cpp's Q4 layout.
 struct Lin {
@@ -70,6 +70,7 @@ int slm_native_simd() { return SLM_AVX2; }
 namespace {
 
 constexpr int QB = 32;  // quantisation block of activations and of int4 weights
+constexpr int MAX_BLOCKS = 512;  // int4 layers take at most MAX_BLOCKS * QB inputs (engine.py checks)
 constexpr int PREFETCH = 8192;  // bytes ahead in the weight stream (the hardware prefetcher alone falls short)
 
 // ---- small vector helpers --------------------------------------------------------------------
@@ -262,8 +263,34 @@ void tile_q8(const int8_t* w, const float* wscale, int k, const QRow* x, float* 
 
 template <int JB, int RB>
 void tile_q4(const uint8_t* codes, const uint16_t* sm, int k, const QRow* x, float* const* y, int j) {
+  // sm row a: nb fp16 scales, then nb fp16 mins. Per (feature, row): the block weights scale * x_scale
+  // are computed 8 at a time up front (off the dot product's critical path), and the min term
+  // sum_b min[b] * x_scale[b] * sum(qx in b) is a short dot product of its own.
   const int nb = k / QB;
-  float msum[JB][RB] = {};
+  float msum[JB][RB];
+  alignas(32) float sx[JB][RB][MAX_BLOCKS];
+  for (int a = 0; a < JB; ++a) {
+    const uint16_t* scales = sm + (size_t)a * nb * 2;
+    const uint16_t* mins = scales + nb;
+    for (int r = 0; r < RB; ++r) {
+      float m = 0.f;
+      int b = 0;
+#if SLM_AVX2
+      __m256 vm = _mm256_setzero_ps();
+      for (; b + 8 <= nb; b += 8) {
+        __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(scales + b)));
+        _mm256_store_ps(&sx[a][r][b], _mm256_mul_ps(sc, _mm256_loadu_ps(x[r].s + b)));
+        vm = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mins + b))), _mm256_loadu_ps(x[r].qsum + b), vm);
+      }
+      m = hsum(vm);
+#endif
+      for (; b < nb; ++b) {
+        sx[a][r][b] = half_to_float(scales[b]) * x[r].s[b];
+        m += half_to_float(mins[b]) * x[r].qsum[b];
+      }
+      msum[a][r] = m;
+    }
+  }
 #if SLM_AVX2
   const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0f);
   __m256 acc[JB][RB];
@@ -271,20 +298,16 @@ void tile_q4(const uint8_t* codes, const uint16_t* sm, int k, const QRow* x, flo
     for (int r = 0; r < RB; ++r) acc[a][r] = _mm256_setzero_ps();
   for (int b = 0; b < nb; ++b) {
     __m256i q[JB];
-    float scale[JB], mn[JB];
     for (int a = 0; a < JB; ++a) {
       _mm_prefetch((const char*)(codes + (size_t)a * (k / 2) + b * 16) + PREFETCH, _MM_HINT_T0);
       __m128i v = _mm_loadu_si128((const __m128i*)(codes + (size_t)a * (k / 2) + b * 16));
       q[a] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), low);  // elements 0..31, each 0..15
-      scale[a] = _cvtsh_ss(sm[(size_t)a * nb * 2 + 2 * b]);
-      mn[a] = _cvtsh_ss(sm[(size_t)a * nb * 2 + 2 * b + 1]);
     }
     for (int r = 0; r < RB; ++r) {
       __m256i vx = _mm256_loadu_si256((const __m256i*)(x[r].q + b * QB));
       for (int a = 0; a < JB; ++a) {
         __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(q[a], vx), ones);  // q <= 15: no saturation
-        acc[a][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(scale[a] * x[r].s[b]), acc[a][r]);
-        msum[a][r] += mn[a] * x[r].qsum[b];
+        acc[a][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(sx[a][r][b]), acc[a][r]);
       }
     }
   }
@@ -299,15 +322,17 @@ void tile_q4(const uint8_t* codes, const uint16_t* sm, int k, const QRow* x, flo
         int d = 0;
         for (int i = 0; i < 16; ++i)
           d += (int)(c[i] & 0x0f) * (int)x[r].q[b * QB + i] + (int)(c[i] >> 4) * (int)x[r].q[b * QB + i + 16];
-        sum += (float)d * half_to_float(sm[(size_t)a * nb * 2 + 2 * b]) * x[r].s[b];
-        msum[a][r] += half_to_float(sm[(size_t)a * nb * 2 + 2 * b + 1]) * x[r].qsum[b];
+        sum += (float)d * sx[a][r][b];
       }
       y[r][j + a] = sum + msum[a][r];
     }
 #endif
 }
 
-constexpr int TILE_J = 2, TILE_R = 4;
+#ifndef SLM_TILE_J
+#define SLM_TILE_J 2
+#endif
+constexpr int TILE_J = SLM_TILE_J, TILE_R = 4;
 
 // One tile of lin at features j.. (jb of them) and rows x[0..rb) -> y[r][j..].
 template <int JB, int RB>
@@ -318,7 +343,7 @@ void tile(const Lin& lin, int j, const float* const* xf, const QRow* xq, float* 
   } else if (lin.kind == 1) {
     tile_q8<JB, RB>((const int8_t*)lin.w + j * k, lin.s + j, lin.k, xq, y, j);
   } else {
-    tile_q4<JB, RB>((const uint8_t*)lin.w + j * (k / 2), lin.sm + j * (k / QB) * 2, lin.k, xq, y, j);
+    tile_q4<JB, RB>((const uint8_t*)lin.w + j * (k / 2), lin.sm + j * (k / QB) * 2, lin.k, xq, y, j);  // sm rows: 2 * nb
   }
 }
 
