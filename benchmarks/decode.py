@@ -40,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
+from slm.threads import set_threads  # noqa: E402
+
 
 def measure_bandwidth(repeats: int = 3) -> float:
     """Bytes/s of reading 512 MiB of fp32 as 64 separate 8 MiB tensors (sums: read-only, like the
@@ -188,7 +190,7 @@ def main() -> None:
         return contention_main(args)
     if args.peer == "llamacpp":
         return llamacpp_main(args)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)  # pinned, as `--threads N` pins slm's native kernels
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     print(f"threads={args.threads} torch={torch.__version__} loadavg={os.getloadavg()}", flush=True)
     models = ["smollm2", "amd-llama-135m"] if args.model == "all" else [args.model]
@@ -351,7 +353,7 @@ def llamacpp_main(args) -> None:
     import tempfile
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)  # pinned: the same count as llama.cpp's -t
     print(f"threads={args.threads} torch={torch.__version__} peer=llama.cpp loadavg={os.getloadavg()}", flush=True)
     models = ["smollm2", "amd-llama-135m"] if args.model == "all" else [args.model]
     for name in models:
@@ -367,7 +369,7 @@ def contention_main(args) -> None:
     every fixed thread count, interleaved round by round, medians."""
     import subprocess
 
-    from slm.threads import choose_threads, usable_cores
+    from slm.threads import usable_cores
 
     name = "smollm2" if args.model == "all" else args.model
     ours, tok, _ = load_slm_case(name)
@@ -381,8 +383,9 @@ def contention_main(args) -> None:
         chosen = []
         for r in range(args.warmup + args.repeats):
             for key in runs:
-                n = choose_threads() if key == "default" else key
-                torch.set_num_threads(n)
+                # default: what a new `slm generate` does (free cores for PyTorch, the native kernels
+                # adapting by measurement); fixed: `--threads n`
+                n = set_threads(None if key == "default" else key)
                 tps = run_ours(ours, prompt, args.new_tokens)[1]
                 if r >= args.warmup:
                     runs[key].append(tps)

@@ -603,7 +603,9 @@ def main() -> None:
     ap.add_argument("--llamacpp", action="store_true",
                     help="part 2: also llama.cpp's speculative options on the same weights (needs setup_llamacpp.sh)")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    from slm.threads import set_threads
+
+    set_threads(args.threads)  # pinned, as `--threads N` pins slm's native kernels
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
     from slm.tokenizer import Tokenizer
