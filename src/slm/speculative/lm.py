@@ -50,7 +50,7 @@ class SlmLM:
         self.max_seq_len = model.config.max_seq_len
         self.eos_id = model.config.eos_id
         self.device = model.tok_embeddings.weight.device
-        self.run = model
+        self.run = None  # decoder(model), made by prepare() or the first forward (a SelfDraft never prepares)
 
     def prepare(self, length: int) -> None:
         ensure_cache(self.model, min(length, self.max_seq_len))
@@ -60,6 +60,8 @@ class SlmLM:
     def forward(self, tokens: list[int], start_pos: int, last_only: bool = False) -> torch.Tensor:
         ids = torch.tensor(tokens, device=self.device).view(1, -1)  # (1, T)
         pos = torch.arange(start_pos, start_pos + len(tokens), device=self.device)  # (T,)
+        if self.run is None:
+            self.run = decoder(self.model)
         return self.run(ids, pos, logits_to_keep=1 if last_only else 0)[0].float()  # (T', V)
 
 
