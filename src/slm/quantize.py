@@ -1,16 +1,17 @@
 """Opt-in int8 inference: every linear layer (lm_head included) with per-output-channel symmetric
-int8 weights ("weight-only": activations are not quantised). And `draft_copy`, a cheaper copy
-for speculative drafting: the decoder layers in groupwise int4, the lm_head in int8.
+int8 weights. And `draft_copy`, a cheaper copy for speculative drafting: the decoder layers in
+groupwise int4, the lm_head in int8.
 
 Why: batch-1 decoding is bound by reading the weights, and int8 reads 4x fewer bytes than fp32.
 
-The kernel is `aten._weight_int8pack_mm`, which takes bf16 activations on CPU (with fp32 ones
-it falls back to a slow path, ~30x slower here). Rounding the activation to bf16 costs ~0.2%
-relative error per element, spread evenly; quantising the activations to int8 instead (FBGEMM's
-dynamic `quantized::linear_dynamic`, as `torch.ao` dynamic quantisation does) is faster still
-but wrecks SmolLM2 (perplexity x4: the SwiGLU output has outlier channels that one per-tensor
-scale cannot hold). Measured in benchmarks/README.md; held-out perplexity is checked against
-fp32 in tests/test_quantize.py.
+Two kernels run these layers. Decoding uses slm's native kernels (`slm.native`), which round the
+activations to int8 in blocks of 32 (one scale per block, as llama.cpp's Q8_0 does) and take
+integer dot products: the per-block scales hold SmolLM2's outlier channels (one scale per tensor,
+as FBGEMM's dynamic quantisation uses, wrecks it: perplexity x4), and the perplexity cost is
+measured through that path (`benchmarks/perplexity.py`, `tests/test_native.py`). The layers' own
+`forward` (scoring, prefill, machines without the native kernels) runs PyTorch's
+`aten._weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` with bf16 activations (~0.2% relative
+error per element); held-out perplexity through it is checked in tests/test_quantize.py.
 """
 
 from __future__ import annotations
