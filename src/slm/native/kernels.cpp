@@ -329,11 +329,6 @@ void tile_q4(const uint8_t* codes, const uint16_t* sm, int k, const QRow* x, flo
 #endif
 }
 
-#ifndef SLM_TILE_J
-#define SLM_TILE_J 2
-#endif
-constexpr int TILE_J = SLM_TILE_J, TILE_R = 4;
-
 // One tile of lin at features j.. (jb of them) and rows x[0..rb) -> y[r][j..].
 template <int JB, int RB>
 void tile(const Lin& lin, int j, const float* const* xf, const QRow* xq, float* const* y) {
@@ -347,13 +342,14 @@ void tile(const Lin& lin, int j, const float* const* xf, const QRow* xq, float* 
   }
 }
 
-template <int JB>
+template <int JB, int TR>
 void tile_rows(const Lin& lin, int j, int rb, const float* const* xf, const QRow* xq, float* const* y) {
+  static_assert(TR >= 1 && TR <= 4, "tiles of 1 to 4 rows");
   switch (rb) {
     case 1: tile<JB, 1>(lin, j, xf, xq, y); break;
-    case 2: tile<JB, 2>(lin, j, xf, xq, y); break;
-    case 3: tile<JB, 3>(lin, j, xf, xq, y); break;
-    default: tile<JB, 4>(lin, j, xf, xq, y); break;
+    case 2: if constexpr (TR >= 2) tile<JB, 2>(lin, j, xf, xq, y); break;
+    case 3: if constexpr (TR >= 3) tile<JB, 3>(lin, j, xf, xq, y); break;
+    default: if constexpr (TR >= 4) tile<JB, 4>(lin, j, xf, xq, y); break;
   }
 }
 
@@ -384,28 +380,42 @@ void prepare_input(const Lin& lin, Acts& a, int rows) {
   }
 }
 
-// y (rows, lin.n) = x W^T, work-shared over pairs of output features; an implicit barrier at the end.
-void linear(const Lin& lin, Acts& x, int rows, float* y) {
+// y (rows, lin.n) = x W^T in tiles of TJ features x TR rows, work-shared over the feature tiles; an
+// implicit barrier at the end.
+template <int TJ, int TR>
+void linear_tiles(const Lin& lin, Acts& x, int rows, float* y) {
   const int n = lin.n;
 #pragma omp for schedule(static)
-  for (int jt = 0; jt < (n + TILE_J - 1) / TILE_J; ++jt) {
-    const int j = jt * TILE_J;
-    for (int r0 = 0; r0 < rows; r0 += TILE_R) {
-      const int rb = rows - r0 < TILE_R ? rows - r0 : TILE_R;
-      const float* xf[TILE_R];
-      QRow xq[TILE_R];
-      float* yr[TILE_R];
+  for (int jt = 0; jt < (n + TJ - 1) / TJ; ++jt) {
+    const int j = jt * TJ;
+    for (int r0 = 0; r0 < rows; r0 += TR) {
+      const int rb = rows - r0 < TR ? rows - r0 : TR;
+      const float* xf[TR];
+      QRow xq[TR];
+      float* yr[TR];
       for (int r = 0; r < rb; ++r) {
         xf[r] = x.row(r0 + r);
         xq[r] = x.qrow(r0 + r);
         yr[r] = y + (size_t)(r0 + r) * n;
       }
-      if (j + TILE_J <= n) {
-        tile_rows<TILE_J>(lin, j, rb, xf, xq, yr);
+      if (j + TJ <= n) {
+        tile_rows<TJ, TR>(lin, j, rb, xf, xq, yr);
       } else {
-        for (int jj = j; jj < n; ++jj) tile_rows<1>(lin, jj, rb, xf, xq, yr);
+        for (int jj = j; jj < n; ++jj) tile_rows<1, TR>(lin, jj, rb, xf, xq, yr);
       }
     }
+  }
+}
+
+// One row (a decode step): 4 features at a time, four independent accumulator chains. More rows
+// (verification, batched steps): 2 features x 4 rows, so each weight block loaded feeds 4 rows and
+// the accumulators still fit the 16 vector registers. The tile shape never changes the order in
+// which an output element is summed.
+void linear(const Lin& lin, Acts& x, int rows, float* y) {
+  if (rows == 1) {
+    linear_tiles<4, 1>(lin, x, rows, y);
+  } else {
+    linear_tiles<2, 4>(lin, x, rows, y);
   }
 }
 
