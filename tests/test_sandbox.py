@@ -292,3 +292,13 @@ def test_a_setup_failure_inside_is_an_error_of_the_run_not_the_models_failure(mo
     problem = Problem("T/0", "def f():\n", "f", "def check(c):\n    assert c() == 1\n")
     with pytest.raises(SlmError, match="sandbox setup failed for T/0"):
         execute_samples({"T/0": problem}, [Sample("T/0", "    return 1\n")], allow_code_execution=True, limits=LIMITS)
+
+
+def test_a_program_that_fails_at_once_is_never_a_sandbox_error():
+    """Regression (CI, under load): the token used to be written after the fork; a program that
+    failed before that write closed the pipe's only read end, and the write's EPIPE read as a
+    sandbox failure. Many instantly failing programs at once: every one is a plain failure. (A race:
+    this reproduces only under load, as in CI; the fix removes the window rather than narrowing it.)"""
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda i: run_program(f"assert {i} < 0", LIMITS), range(24)))
+    assert [r.status for r in results] == ["failed"] * 24, [r.stderr[-200:] for r in results if r.status != "failed"]

@@ -158,10 +158,16 @@ def supervise(cfg: dict) -> int:
         __import__(name)
     token_r, token_w = os.pipe()
     report_r, report_w = os.pipe()
+    # The token goes into the pipe before the fork: written after it, a program that fails at once
+    # could exit (closing the only read end) first, and the write would break the pipe (EPIPE), which
+    # read as a sandbox failure (seen in CI under load).
+    token = os.urandom(TOKEN_BYTES)
+    os.write(token_w, token)
+    os.close(token_w)
     sys.stdout.flush(), sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
-        os.close(token_w), os.close(report_r), os.close(cpu_fd)
+        os.close(report_r), os.close(cpu_fd)
         program(cfg, token_r, report_w)  # never returns
     os.close(token_r), os.close(report_w)
     os.set_blocking(report_r, False)
@@ -178,9 +184,6 @@ def supervise(cfg: dict) -> int:
 
     signal.signal(signal.SIGALRM, on_tick)
     signal.setitimer(signal.ITIMER_REAL, TICK_SECONDS, TICK_SECONDS)
-    token = os.urandom(TOKEN_BYTES)
-    os.write(token_w, token)
-    os.close(token_w)
     while True:  # as PID 1 we reap every orphan of the namespace; our child's end is the sample's end
         child, status = os.waitpid(-1, 0)
         if child == pid:
