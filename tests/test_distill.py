@@ -15,6 +15,8 @@ from conftest import make_model_dir, randomize
 from slm.config import get_config
 from slm.distill import DistillConfig, TrainSettings, distill
 from slm.distill.prompts import build_prompts, humaneval_keys, is_humaneval
+from slm.distill.cache import Capture, FeatureCache, compute_cache
+from slm.distill.objective import head_loss, make_batch
 from slm.distill.samples import answer_batch
 from slm.errors import SlmError
 from slm.eval.humaneval import read_problems
@@ -145,6 +147,63 @@ def test_batched_answers_are_the_targets_own():
     for p, a in zip(prompts, answers):
         ref = generate(target, p, 10, SamplingParams()).tokens
         assert a == ref[: len(a)] and (len(a) == 10 or a[-1] == 2)
+
+
+# --- the feature cache --------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_features_captured_while_answering_equal_a_forward_over_the_sample(tmp_path):
+    """The cache made during batched decoding (prefill, forced prompt tokens, decode steps) holds
+    what one forward of the target over the finished sample gives: features and top next tokens."""
+    target = _tiny(vocab=64, layers=4)
+    prompts = [[1, 5, 3], [1, 7, 8, 9, 10, 11], [1, 2, 4, 6, 8]]
+    tap = FeatureTap(target, (0, 2, 3))
+    capture = Capture(tap)
+    answers = answer_batch(target, prompts, 10, SamplingParams(), stop_ids=(2,), capture=capture)
+    sequences = [p + a for p, a in zip(prompts, answers)]
+    online = compute_cache(target, tap, sequences, batch_size=2)
+    tap.remove()
+    got = capture.cache
+    assert got.tap_layers == online.tap_layers == (0, 2, 3) and got.matches(sequences, (0, 2, 3))
+    for s, p, f, i, pr, f0, i0, pr0 in zip(sequences, prompts, got.taps, got.ids, got.probs, online.taps, online.ids,
+                                           online.probs):
+        n = len(s) - 1  # the last position is never read (nothing after it to predict)
+        assert f.shape == (len(s), 3 * target.config.dim) and f.dtype == torch.bfloat16
+        torch.testing.assert_close(f[:n].float(), f0[:n].float(), atol=2e-2, rtol=1e-2)
+        labelled = slice(len(p) - 1, n)  # the labels the loss reads: the answer's tokens
+        assert torch.equal(i[labelled][:, :4], i0[labelled][:, :4])  # the top tokens (ties aside)
+        torch.testing.assert_close(pr[labelled].float(), pr0[labelled].float(), atol=2e-3, rtol=0)
+        assert torch.equal(i[labelled][:, 0].long(), torch.tensor(s[len(p) : n + 1]))  # greedy: top-1 is the answer
+    # Saved and read back unchanged; a corrupt file is a one-line error.
+    got.save(tmp_path / "f.safetensors")
+    back = FeatureCache.load(tmp_path / "f.safetensors")
+    assert back.tap_layers == got.tap_layers and all(torch.equal(a, b) for a, b in zip(back.taps, got.taps))
+    assert all(torch.equal(a, b) for a, b in zip(back.probs, got.probs))
+    (tmp_path / "f.safetensors").write_bytes(b"junk")
+    with pytest.raises(SlmError, match="cannot read the distillation features"):
+        FeatureCache.load(tmp_path / "f.safetensors")
+
+
+@torch.no_grad()
+def test_loss_on_cached_labels_is_the_dense_cross_entropy():
+    """With a vocabulary no larger than the cached top-k, the loss from the cache is exactly the
+    cross-entropy against the target's full distribution restricted to the draft vocabulary."""
+    target = _tiny(vocab=32, layers=3)
+    head = _head(target, 20)
+    tap = FeatureTap(target, head.config.tap_layers)
+    seqs = [torch.randint(0, 32, (18,), generator=torch.Generator().manual_seed(s)).tolist() for s in (1, 2)]
+    cache = compute_cache(target, tap, seqs)
+    batch = make_batch(seqs, [5, 7], cache, seq_len=64)
+    loss, stats = head_loss(head, batch, depth=1)
+    feats, logits = target_features(target, tap, batch.tokens)
+    tap.remove()
+    p_in = torch.softmax(logits[:, 1:-1], -1)[..., head.d2t]  # (B, T-2, N)
+    logq = torch.log_softmax(head.logits(head.unroll(feats[:, :-1], batch.tokens[:, 1:], 1)[0][:, :-1]), -1)
+    mask = batch.answer[:, 2:]
+    ref = (-(p_in * logq).sum(-1) * mask).sum() / mask.sum()
+    torch.testing.assert_close(loss, ref, atol=2e-3, rtol=1e-3)
+    assert stats["counted"][0] == int(mask.sum())
 
 
 # --- end to end ----------------------------------------------------------------------------------
