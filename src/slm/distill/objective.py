@@ -90,13 +90,14 @@ def _head_loss(head: FeatureHead, batch: Batch, depth: int) -> tuple[torch.Tenso
     for j, (h, w) in enumerate(zip(outs, weights)):
         valid = mask.clone()
         valid[:, : max(j, 0)] = False  # a depth-j draft needs j earlier positions
-        logq = torch.log_softmax(head.logits(h[:, :-1]).float(), -1)  # (B, T-2, N)
-        ce = -(p_in * logq.gather(-1, draft_ids)).sum(-1)  # (B, T-2)
-        n = valid.sum().clamp_min(1)
-        total = total + w * (ce * valid).sum() / n
+        # The output layer only where the label counts (the answer's positions: about half of a
+        # sample is its prompt), which is most of the head's cost.
+        logq = torch.log_softmax(head.logits(h[:, :-1][valid]).float(), -1)  # (n, N)
+        ce = -(p_in[valid] * logq.gather(-1, draft_ids[valid])).sum(-1)  # (n,)
+        total = total + w * ce.sum() / max(ce.numel(), 1)
         with torch.no_grad():
-            guess = head.d2t[logq.argmax(-1)]  # (B, T-2) target ids
-            stats["agree"].append(int(((guess == target_best) & valid).sum()))
+            guess = head.d2t[logq.argmax(-1)]  # (n,) target ids
+            stats["agree"].append(int((guess == target_best[valid]).sum()))
             stats["counted"].append(int(valid.sum()))
     with torch.no_grad():
         m = mask.sum().clamp_min(1)

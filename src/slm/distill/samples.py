@@ -73,9 +73,10 @@ class Samples:
 @torch.inference_mode()
 def answer_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingParams,
                  stop_ids: tuple[int, ...], generator: torch.Generator | None = None,
-                 capture: Capture | None = None) -> list[list[int]]:
+                 capture: Capture | None = None, deadline: float | None = None) -> list[list[int]]:
     """The target's answers (new tokens, a stop id included) to a batch of prompts, decoded together.
-    With `capture`, every forward's features and top next tokens are kept too (`slm.distill.cache`)."""
+    With `capture`, every forward's features and top next tokens are kept too (`slm.distill.cache`).
+    At `deadline` (time.perf_counter()) the answers stop where they are (the target's tokens still)."""
     lens = [len(p) for p in prompts]
     total = min(max(lens) + max_new_tokens, model.config.max_seq_len)
     if min(lens) >= total:
@@ -103,7 +104,7 @@ def answer_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: i
                 new[b].append(tok)
                 done[b] = tok in stop_ids or len(new[b]) >= max_new_tokens
             column.append(tok)
-        if all(done) or pos + 1 >= total:
+        if all(done) or pos + 1 >= total or (deadline is not None and time.perf_counter() > deadline):
             break
         logits = model(torch.tensor(column, device=device)[:, None], torch.tensor([pos], device=device))[:, -1]
         if capture is not None:
@@ -136,7 +137,8 @@ def answer_all(model, prompts: list[list[int]], max_new_tokens: int, sampling: S
             break
         batch = [prompts[j] for j in rows]
         if isinstance(model, Transformer):
-            answers = answer_batch(model, batch, max_new_tokens, sampling, stop_ids, generator, capture)
+            answers = answer_batch(model, batch, max_new_tokens, sampling, stop_ids, generator, capture,
+                                   None if seconds is None else t0 + seconds)
         else:
             answers = [generate(model, p, max_new_tokens, sampling, stop=Stop(ids=stop_ids), generator=generator).tokens
                        for p in batch]
