@@ -158,6 +158,7 @@ def main() -> None:
     ax.set_xlabel("distillation minutes (generating the samples included)")
     ax.set_ylabel("greedy acceptance (held-out samples)")
     ax.set_ylim(0, 1)
+    ax.set_xlim(left=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("Distilled draft for SmolLM2-135M-Instruct" if args.target is None else "Distilled draft")

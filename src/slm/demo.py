@@ -49,7 +49,7 @@ class DemoConfig:
     work_dir: Path = field(default_factory=lambda: cache_dir() / "demo")
     target: str | None = None  # model dir, .gguf or transformers dir; default: SmolLM2-135M-Instruct
     drafts: tuple[str, ...] = ()  # extra drafts (model dir / .gguf / transformers dir)
-    train_minutes: float = 10.0  # the distillation's budget (the target's answers included)
+    train_minutes: float = 8.0  # the distillation's budget (the target's answers included); the demo stays under 20 min
     prompts: int = 20
     max_new_tokens: int = 128
     seq_len: int = 256  # the distillation's training sequence length

@@ -23,8 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", default=None, help="target: model dir, .gguf, or transformers dir (default: SmolLM2-135M-Instruct)")
     p.add_argument("--draft", action="append", default=[], metavar="DRAFT",
                    help="an extra draft to compare (model dir, .gguf or transformers dir); repeatable")
-    p.add_argument("--train-minutes", type=float, default=10.0,
-                   help="time budget for distilling the draft, the target's answers included (default 10; 0 = none)")
+    p.add_argument("--train-minutes", type=float, default=8.0,
+                   help="time budget for distilling the draft, the target's answers included (default 8; 0 = none)")
     p.add_argument("--prompts", type=int, default=20, help="number of HumanEval prompts (default 20)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt at most (default 128)")
     p.add_argument("--draft-tokens", default="auto", metavar="K|auto", help="draft tokens per round (default auto)")

@@ -44,7 +44,7 @@ FEATURES_FILE = "features.safetensors"
 @dataclass
 class DistillConfig:
     minutes: float = 30.0  # everything: generating the samples and training
-    generate_share: float = 0.4  # of the budget, at most, for the target's answers
+    generate_share: float = 0.5  # of the budget, at most, for the target's answers (and their features)
     prompts: list[str] = field(default_factory=list)  # sources (directories of .py, text files); default stdlib
     max_prompts: int = 4000
     max_prompt_tokens: int = 384
