@@ -312,6 +312,8 @@ def test_cli_distill_bad_target_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no such file" in err[0]
     assert main(["distill", str(tmp_path), "--out", str(tmp_path / "d"), "--minutes", "-1"]) == 2
+    assert main(["distill", str(tmp_path), "--out", str(tmp_path / "d"), "--generate-share", "1"]) == 2
+    assert "--generate-share must be in (0, 1)" in capsys.readouterr().err
 
 
 # --- the real SmolLM2 ------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ class DistillConfig:
         if not self.minutes > 0:
             raise SlmError(f"--minutes must be > 0, got {self.minutes}")
         if not 0 < self.generate_share < 1:
-            raise SlmError(f"generate_share must be in (0, 1), got {self.generate_share}")
+            raise SlmError(f"--generate-share must be in (0, 1), got {self.generate_share}")
         if self.draft_vocab < 1:
             raise SlmError(f"--draft-vocab must be >= 1, got {self.draft_vocab}")
 
