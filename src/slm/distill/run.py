@@ -183,6 +183,8 @@ def distill(target: str | os.PathLike, out: str | os.PathLike, config: DistillCo
     head = FeatureHead(head_cfg, input_embedding(model))
     head.init_weights(torch.Generator().manual_seed(cfg.seed))
     head.d2t = d2t
+    if head_cfg.features:  # from up to 64 training samples: a statistic, not a fit
+        head.set_tap_scale(torch.cat([cache.taps[i][:-1] for i in train_idx[:64]]))
     head.to(cfg.device)
     pad = tokenizer.eos_id if tokenizer.eos_id is not None else 0
 
