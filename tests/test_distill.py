@@ -146,7 +146,8 @@ def test_tap_scale_gives_unit_rms_features_and_is_saved(tmp_path):
     width = len(head.config.tap_layers) * target.config.dim
     taps = torch.randn(500, width) * torch.linspace(0.1, 1000.0, width)
     head.set_tap_scale(taps)
-    torch.testing.assert_close((taps * head.tap_scale).pow(2).mean(0).sqrt(), torch.ones(taps.shape[1]), rtol=1e-4, atol=0)
+    rms = (taps * head.tap_scale).pow(2).mean(0).sqrt()
+    torch.testing.assert_close(rms, torch.ones(taps.shape[1]), rtol=1e-4, atol=0)
     back = load_head(save_head(head, tmp_path / "h"), target.tok_embeddings.weight)
     assert torch.equal(back.tap_scale, head.tap_scale)
     torch.testing.assert_close(back.fuse_target(taps[:4]), head.fuse_target(taps[:4]))

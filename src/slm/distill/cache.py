@@ -96,7 +96,8 @@ class Capture:
 
     def begin(self, batch: int, length: int, dim: int) -> None:
         width = len(self.cache.tap_layers) * dim
-        self._rows = [(torch.zeros(length, width, dtype=FEATURE_DTYPE), torch.zeros(length, LABEL_TOP, dtype=torch.int32),
+        self._rows = [(torch.zeros(length, width, dtype=FEATURE_DTYPE),
+                       torch.zeros(length, LABEL_TOP, dtype=torch.int32),
                        torch.zeros(length, LABEL_TOP, dtype=torch.float16)) for _ in range(batch)]
 
     def record(self, pos: torch.Tensor, logits: torch.Tensor | None) -> None:
