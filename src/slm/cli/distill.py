@@ -34,10 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="the target's answers: 0 = greedy (default)")
     p.add_argument("--standalone", action="store_true",
                    help="a one-layer draft on the target's embeddings that does not read its hidden states")
-    p.add_argument("--depth", type=int, default=4, help="training-time-test steps (default 4)")
+    p.add_argument("--depth", type=int, default=2, help="training-time-test steps (default 2)")
     p.add_argument("--batch-size", type=int, default=8, help="training sequences per step (default 8)")
     p.add_argument("--seq-len", type=int, default=256, help="training sequence length (default 256)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
     add_threads_argument(p)
     p.set_defaults(func=_distill)
 

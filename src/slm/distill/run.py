@@ -204,7 +204,7 @@ def distill(target: str | os.PathLike, out: str | os.PathLike, config: DistillCo
 
     result = train_head(head, train_samples, cache.select(train_idx), settings, out / "run", made_from, pad, snapshot)
     per_depth = acceptance_by_depth(head, held_out_batches(test_samples, test_cache, settings.seq_len, pad),
-                                    settings.depth) if test_idx else []
+                                    max(settings.depth, 4)) if test_idx else []  # beyond the unroll too
     report = {
         "target": str(target), "samples": len(samples.sequences), "answer_tokens": samples.answer_tokens,
         "draft_vocab": len(d2t), "vocab_coverage": round(coverage(test_samples, d2t), 4),
