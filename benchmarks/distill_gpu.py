@@ -1,6 +1,6 @@
 """Distillation on a lent GPU (written for an H200; one run under 8 minutes): the target answers
-the distillation prompts at GPU batch sizes, the head trains online (the target in the loop for
-features and labels, bf16 autocast), then the first 20 HumanEval prompts are decoded greedily
+the distillation prompts at GPU batch sizes (its features and labels kept as it answers,
+`slm.distill.cache`), the head trains on them (bf16 autocast), then the first 20 HumanEval prompts are decoded greedily
 with the target alone, with the distilled draft, and with prompt lookup in front of it.
 
     python benchmarks/distill_gpu.py                                  # on the GPU: SmolLM2-135M-Instruct

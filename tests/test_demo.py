@@ -1,4 +1,4 @@
-"""`slm demo` end to end with a tiny budget: real SmolLM2 target, seconds of draft training, 2 prompts."""
+"""`slm demo` end to end with a tiny budget: real SmolLM2 target, seconds of distillation, 2 prompts."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def demo_run(tmp_path_factory):
     except SlmError as e:
         pytest.skip(str(e))
     root = tmp_path_factory.mktemp("demo")
-    # A small real code corpus (two stdlib packages) keeps data preparation to seconds.
+    # A small real code corpus (two stdlib packages) keeps building the distillation requests to seconds.
     corpus = root / "corpus"
     for pkg in ("json", "email"):
         shutil.copytree(Path(sysconfig.get_paths()["stdlib"]) / pkg, corpus / pkg,
@@ -34,11 +34,11 @@ def demo_run(tmp_path_factory):
            "--prompts", "2", "--max-new-tokens", "24", "--corpus", str(corpus), "--seq-len", "128"]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
-    manifest = work / "data" / "manifest.json"
-    prepared_at = manifest.stat().st_mtime_ns
+    samples = work / "draft" / "samples.safetensors"
+    made_at = samples.stat().st_mtime_ns
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert manifest.stat().st_mtime_ns == prepared_at  # the data was reused, not prepared again
+    assert samples.stat().st_mtime_ns == made_at  # the target's answers were reused, not generated again
     return work, first, second
 
 
@@ -46,7 +46,7 @@ def test_report_has_the_table_and_findings(demo_run):
     work, first, _ = demo_run
     report = (work / "report.md").read_text()
     assert "| decoding | acceptance rate | tokens/s | speedup | pass@1 | same tokens as target |" in report
-    for row in ("target only", "trained draft (llama-16m)", "int4 self-draft", "prompt lookup", "auto"):
+    for row in ("target only", "distilled draft", "int4 self-draft", "prompt lookup", "auto"):
         assert f"| {row}" in report, row
     assert "## Findings" in report and "speculative.png" in report
     assert (work / "speculative.png").stat().st_size > 1000
@@ -68,6 +68,6 @@ def test_every_draft_gives_the_targets_tokens(demo_run):
 
 def test_rerun_reuses_finished_steps(demo_run):
     work, _, second = demo_run
-    assert "reusing the draft trained before" in second.stderr
+    assert "reusing the draft distilled before" in second.stderr
     results = (work / "results.jsonl").read_text().splitlines()
     assert len(results) == 10  # no prompt generated twice

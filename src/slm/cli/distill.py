@@ -26,15 +26,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--minutes", type=float, default=30.0, help="time budget, generating included (default 30)")
     p.add_argument("--prompts", nargs="+", default=[], metavar="SOURCE",
                    help="directories of .py files and/or text files (default: the Python standard library)")
+    p.add_argument("--generate-share", type=float, default=0.5,
+                   help="of the budget, at most, for the target's answers (default 0.5; the rest trains)")
+    p.add_argument("--gen-batch-size", type=int, default=32, help="prompts the target answers at once (default 32)")
     p.add_argument("--draft-vocab", type=int, default=8192, help="tokens the draft can propose (default 8192)")
     p.add_argument("--max-new-tokens", type=int, default=192, help="longest target answer (default 192)")
     p.add_argument("--temperature", type=float, default=0.0, help="the target's answers: 0 = greedy (default)")
     p.add_argument("--standalone", action="store_true",
                    help="a one-layer draft on the target's embeddings that does not read its hidden states")
-    p.add_argument("--depth", type=int, default=4, help="training-time-test steps (default 4)")
+    p.add_argument("--depth", type=int, default=2, help="training-time-test steps (default 2)")
     p.add_argument("--batch-size", type=int, default=8, help="training sequences per step (default 8)")
     p.add_argument("--seq-len", type=int, default=256, help="training sequence length (default 256)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
     add_threads_argument(p)
     p.set_defaults(func=_distill)
 
@@ -44,13 +47,14 @@ def _distill(args: argparse.Namespace) -> int:
     from slm.errors import SlmError
 
     apply_threads(args)
-    for name in ("depth", "batch_size", "seq_len", "max_new_tokens"):
+    for name in ("depth", "batch_size", "seq_len", "max_new_tokens", "gen_batch_size"):
         if getattr(args, name) < 1:
             raise SlmError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.lr <= 0 or args.temperature < 0:
         raise SlmError("--lr must be > 0 and --temperature >= 0")
     cfg = DistillConfig(
-        minutes=args.minutes, prompts=args.prompts, draft_vocab=args.draft_vocab, max_new_tokens=args.max_new_tokens,
+        minutes=args.minutes, generate_share=args.generate_share, gen_batch_size=args.gen_batch_size,
+        prompts=args.prompts, draft_vocab=args.draft_vocab, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, features=not args.standalone,
         train=TrainSettings(seconds=0, batch_size=args.batch_size, seq_len=args.seq_len, depth=args.depth, lr=args.lr),
     )

@@ -3,6 +3,8 @@ corpus, and a small head reading its hidden states learns to guess its next toke
 
 - `prompts`: requests and continuations from a source tree, HumanEval excluded.
 - `samples`: the target's own answers (batched decoding) and the draft vocabulary (FR-Spec).
+- `cache`: the target's features and top next tokens at every position, computed once (kept
+  while an slm target answers), so training runs only the head.
 - `objective`: the loss (the target's distribution, over the draft vocabulary, at each
   training-time-test depth) and the acceptance per draft position.
 - `train`: the time-budgeted, resumable training loop.

@@ -7,6 +7,8 @@ the cross-entropy of the head's q against the target's p restricted to the draft
 renormalised: that is mass_in * (KL(p_in/mass_in || q) + const), so positions where the target
 mostly says something the draft cannot say weigh less). Only positions whose predicted token is
 part of the target's answer count (the prompt is not what the draft will be asked to guess).
+The target's features and distribution (its top `cache.LABEL_TOP` tokens) come from the
+`FeatureCache`, computed once: training runs only the head.
 
 The score of depth j is how often the head's argmax equals the target's there: on samples the
 target decoded greedily that is exactly the greedy acceptance of the (j+1)-th drafted token of a
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from slm.speculative.features import FeatureTap, target_features
+from slm.distill.cache import FeatureCache
 from slm.speculative.head import FeatureHead
 
 
@@ -28,42 +30,59 @@ from slm.speculative.head import FeatureHead
 class Batch:
     tokens: torch.Tensor  # (B, T) padded sequences
     answer: torch.Tensor  # (B, T) bool: the token at this position is part of the target's answer
+    taps: torch.Tensor  # (B, T, n_taps*d) the target's features (width 0 without taps)
+    label_ids: torch.Tensor  # (B, T, k) the target's top tokens for position t+1
+    label_p: torch.Tensor  # (B, T, k) their probabilities
+
+    def to(self, device) -> Batch:
+        return Batch(*(t.to(device) for t in (self.tokens, self.answer, self.taps, self.label_ids, self.label_p)))
 
 
-def make_batch(sequences: list[list[int]], prompt_lens: list[int], seq_len: int, pad_id: int = 0) -> Batch:
-    """Sequences cut to their last `seq_len` tokens (the answer kept), right-padded."""
-    T = min(max(len(s) for s in sequences), seq_len)
-    tokens = torch.full((len(sequences), T), pad_id, dtype=torch.int64)
-    answer = torch.zeros(len(sequences), T, dtype=torch.bool)
+def make_batch(sequences: list[list[int]], prompt_lens: list[int], cache: FeatureCache, seq_len: int,
+               pad_id: int = 0) -> Batch:
+    """Sequences (with their cached features and labels) cut to their last `seq_len` tokens (the
+    answer kept), right-padded. The features were computed over the whole sequence, as decoding sees it."""
+    B, T = len(sequences), min(max(len(s) for s in sequences), seq_len)
+    width, k = cache.taps[0].shape[-1], cache.ids[0].shape[-1]
+    tokens = torch.full((B, T), pad_id, dtype=torch.int64)
+    answer = torch.zeros(B, T, dtype=torch.bool)
+    taps = torch.zeros(B, T, width, dtype=cache.taps[0].dtype)
+    ids = torch.zeros(B, T, k, dtype=torch.int64)
+    probs = torch.zeros(B, T, k, dtype=torch.float32)
     for b, (s, p) in enumerate(zip(sequences, prompt_lens)):
         cut = max(len(s) - T, 0)
-        s = s[cut:]
-        tokens[b, : len(s)] = torch.tensor(s)
-        answer[b, max(p - cut, 0) : len(s)] = True
-    return Batch(tokens, answer)
+        n = len(s) - cut
+        tokens[b, :n] = torch.tensor(s[cut:])
+        answer[b, max(p - cut, 0) : n] = True
+        taps[b, :n] = cache.taps[b][cut:]
+        ids[b, :n] = cache.ids[b][cut:]
+        probs[b, :n] = cache.probs[b][cut:]
+    return Batch(tokens, answer, taps, ids, probs)
 
 
 def depth_weights(depth: int, decay: float = 0.8) -> list[float]:
     return [decay**j for j in range(depth)]
 
 
-def head_loss(head: FeatureHead, target, tap: FeatureTap | None, batch: Batch, depth: int) -> tuple[torch.Tensor, dict]:
+def head_loss(head: FeatureHead, batch: Batch, depth: int) -> tuple[torch.Tensor, dict]:
     """-> (loss, stats: per-depth agreement counts, positions, mass the draft vocabulary misses).
     On a GPU, bf16 autocast (the head's weights and the loss stay fp32)."""
     device = head.d2t.device
-    batch = Batch(batch.tokens.to(device), batch.answer.to(device))
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        return _head_loss(head, target, tap, batch, depth)
+        return _head_loss(head, batch.to(device), depth)
 
 
-def _head_loss(head: FeatureHead, target, tap: FeatureTap | None, batch: Batch, depth: int) -> tuple[torch.Tensor, dict]:
+def _head_loss(head: FeatureHead, batch: Batch, depth: int) -> tuple[torch.Tensor, dict]:
     with torch.no_grad():
-        taps, logits = target_features(target, tap, batch.tokens)  # (B, T, n*d), (B, T, V)
-        logp = torch.log_softmax(logits[:, 1:], -1)  # (B, T-1, V): label of head position t is at t+1
-        p_in = logp.index_select(-1, head.d2t).exp()  # (B, T-1, N) restricted, not renormalised
-        target_best = logits[:, 1:].argmax(-1)  # (B, T-1) target ids
+        t2d = torch.full((head.config.target_vocab,), -1, dtype=torch.int64, device=head.d2t.device)
+        t2d[head.d2t] = torch.arange(len(head.d2t), device=t2d.device)  # target id -> draft index
+        ids = batch.label_ids[:, 1:-1]  # (B, T-2, k): the label of head position t is the target's at t+1
+        draft_ids = t2d[ids]
+        p_in = batch.label_p[:, 1:-1] * (draft_ids >= 0)  # restricted to the draft vocabulary, not renormalised
+        draft_ids = draft_ids.clamp_min(0)
+        target_best = ids[..., 0]  # (B, T-2) target ids
         mask = batch.answer[:, 2:]  # (B, T-2): head position t predicts x_{t+2}
-    inputs = taps[:, :-1] if taps is not None else None  # head positions 0..T-2
+    inputs = batch.taps[:, :-1].float() if head.config.features else None  # head positions 0..T-2
     outs = head.unroll(inputs, batch.tokens[:, 1:], depth)  # each (B, T-1, d)
     total = torch.zeros((), device=batch.tokens.device)
     stats = {"agree": [], "counted": [], "mass_out": 0.0}
@@ -71,27 +90,28 @@ def _head_loss(head: FeatureHead, target, tap: FeatureTap | None, batch: Batch, 
     for j, (h, w) in enumerate(zip(outs, weights)):
         valid = mask.clone()
         valid[:, : max(j, 0)] = False  # a depth-j draft needs j earlier positions
-        logq = torch.log_softmax(head.logits(h[:, :-1]).float(), -1)  # (B, T-2, N)
-        ce = -(p_in[:, :-1] * logq).sum(-1)  # (B, T-2)
-        n = valid.sum().clamp_min(1)
-        total = total + w * (ce * valid).sum() / n
+        # The output layer only where the label counts (the answer's positions: about half of a
+        # sample is its prompt), which is most of the head's cost.
+        logq = torch.log_softmax(head.logits(h[:, :-1][valid]).float(), -1)  # (n, N)
+        ce = -(p_in[valid] * logq.gather(-1, draft_ids[valid])).sum(-1)  # (n,)
+        total = total + w * ce.sum() / max(ce.numel(), 1)
         with torch.no_grad():
-            guess = head.d2t[logq.argmax(-1)]  # (B, T-2) target ids
-            stats["agree"].append(int(((guess == target_best[:, :-1]) & valid).sum()))
+            guess = head.d2t[logq.argmax(-1)]  # (n,) target ids
+            stats["agree"].append(int((guess == target_best[valid]).sum()))
             stats["counted"].append(int(valid.sum()))
     with torch.no_grad():
         m = mask.sum().clamp_min(1)
-        stats["mass_out"] = float(((1 - p_in[:, :-1].sum(-1)) * mask).sum() / m)
+        stats["mass_out"] = float(((1 - p_in.sum(-1)) * mask).sum() / m)
     return total / sum(weights), stats
 
 
 @torch.no_grad()
-def acceptance_by_depth(head: FeatureHead, target, tap: FeatureTap | None, batches: list[Batch], depth: int) -> list[float]:
+def acceptance_by_depth(head: FeatureHead, batches: list[Batch], depth: int) -> list[float]:
     """Greedy acceptance of the 1st, 2nd, ... drafted token (each given the ones before it were
     accepted), measured on held-out samples."""
     agree, counted = [0] * depth, [0] * depth
     for batch in batches:
-        _, stats = head_loss(head, target, tap, batch, depth)
+        _, stats = head_loss(head, batch, depth)
         for j, (a, c) in enumerate(zip(stats["agree"], stats["counted"])):
             agree[j] += a
             counted[j] += c

@@ -1,7 +1,9 @@
 """`slm distill TARGET --out DRAFT`: the whole pipeline as one function.
 
 1. prompts from a corpus (`prompts`), 2. the target's own answers (`samples`, a share of the time
-budget; kept in DRAFT/samples.safetensors, so a resumed run does not generate again), 3. the
+budget; kept in DRAFT/samples.safetensors, so a resumed run does not generate again) and the
+target's features and labels at every position of them (`cache`, captured while an slm target
+answers, else one forward per sample; DRAFT/features.safetensors), 3. the
 draft vocabulary (FR-Spec), 4. training the head (`train`, checkpoints in DRAFT/run), 5. its
 greedy acceptance per draft position on held-out samples, and the draft directory
 (`slm.speculative.head`: draft_head.json + draft_head.safetensors) that `--draft DRAFT` takes.
@@ -21,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from slm.config import ModelConfig
+from slm.distill.cache import Capture, FeatureCache, compute_cache
 from slm.distill.objective import acceptance_by_depth, chain_acceptance, make_batch
 from slm.distill.prompts import build_prompts
 from slm.distill.samples import Samples, answer_all, coverage, draft_vocabulary
@@ -35,17 +38,18 @@ from slm.speculative.head import FeatureHead, HeadConfig, save_head
 from slm.tokenizer import Tokenizer
 
 SAMPLES_FILE = "samples.safetensors"
+FEATURES_FILE = "features.safetensors"
 
 
 @dataclass
 class DistillConfig:
     minutes: float = 30.0  # everything: generating the samples and training
-    generate_share: float = 0.4  # of the budget, at most, for the target's answers
+    generate_share: float = 0.5  # of the budget, at most, for the target's answers (and their features)
     prompts: list[str] = field(default_factory=list)  # sources (directories of .py, text files); default stdlib
     max_prompts: int = 4000
     max_prompt_tokens: int = 384
     max_new_tokens: int = 192
-    gen_batch_size: int = 16
+    gen_batch_size: int = 32  # answer tokens per CPU-second: 34 at 8, 55 at 32 and 64 (SmolLM2, one thread)
     temperature: float = 0.0  # the target's answers: greedy (what the benchmark decodes) unless > 0
     draft_vocab: int = 8192
     features: bool = True  # False: a one-layer standalone draft on the target's embeddings (the ablation)
@@ -60,7 +64,7 @@ class DistillConfig:
         if not self.minutes > 0:
             raise SlmError(f"--minutes must be > 0, got {self.minutes}")
         if not 0 < self.generate_share < 1:
-            raise SlmError(f"generate_share must be in (0, 1), got {self.generate_share}")
+            raise SlmError(f"--generate-share must be in (0, 1), got {self.generate_share}")
         if self.draft_vocab < 1:
             raise SlmError(f"--draft-vocab must be >= 1, got {self.draft_vocab}")
 
@@ -82,7 +86,8 @@ def target_shape(model) -> ModelConfig:
         raise SlmError(f"the transformers target's config lacks a LLaMA-like shape field ({e})") from None
 
 
-def make_samples(model, model_dir: Path, tokenizer: Tokenizer, cfg: DistillConfig, seconds: float) -> Samples:
+def make_samples(model, model_dir: Path, tokenizer: Tokenizer, cfg: DistillConfig, seconds: float,
+                 capture: Capture | None = None) -> Samples:
     prompts = build_prompts(model_dir, cfg.prompts or None, cfg.max_prompts, cfg.seed)
     ids = [tokenizer.encode(p.text) for p in prompts]
     ids = [t for t in ids if 0 < len(t) <= cfg.max_prompt_tokens]
@@ -92,20 +97,63 @@ def make_samples(model, model_dir: Path, tokenizer: Tokenizer, cfg: DistillConfi
     g = torch.Generator().manual_seed(cfg.seed)
     bar = tqdm(desc="target answers", unit="tok", file=sys.stderr, dynamic_ncols=True, leave=False)
     samples = answer_all(model, ids, cfg.max_new_tokens, sampling, stop_ids_for(model, tokenizer),
-                         cfg.gen_batch_size, seconds, g, bar.update, cfg.seed)
+                         cfg.gen_batch_size, seconds, g, bar.update, cfg.seed, capture=capture)
     bar.close()
     return samples
 
 
-def split(samples: Samples, held_out: float) -> tuple[Samples, Samples]:
+def split(samples: Samples, held_out: float) -> tuple[list[int], list[int]]:
+    """-> (training, held-out) sample indices."""
     n = len(samples.sequences)
     k = max(1, round(n * held_out)) if n > 1 else 0
     idx = list(range(n))
     test = set(idx[:: max(n // k, 1)][:k]) if k else set()
-    train = [i for i in idx if i not in test]
-    test = sorted(test)
-    pick = lambda ii: Samples([samples.sequences[i] for i in ii], [samples.prompt_lens[i] for i in ii])  # noqa: E731
-    return pick(train), pick(test)
+    return [i for i in idx if i not in test], sorted(test)
+
+
+def pick(samples: Samples, indices: list[int]) -> Samples:
+    return Samples([samples.sequences[i] for i in indices], [samples.prompt_lens[i] for i in indices])
+
+
+def samples_and_features(model, model_dir: Path, tokenizer: Tokenizer, cfg: DistillConfig, out: Path,
+                         tap_layers: tuple[int, ...]) -> tuple[Samples, FeatureCache]:
+    """The samples and their features: made (or computed) once, then read from `out`."""
+    samples_path, features_path = out / SAMPLES_FILE, out / FEATURES_FILE
+    samples = cache = None
+    if samples_path.is_file():  # a resumed run: the samples and what they cost are the first run's
+        samples = Samples.load(samples_path)
+        if features_path.is_file():
+            cache = FeatureCache.load(features_path)
+            cache = cache if cache.matches(samples.sequences, tap_layers) else None
+    else:
+        t_gen = time.perf_counter()
+        capture = None
+        if isinstance(model, Transformer):  # batched decoding computes the features anyway: keep them
+            capture = Capture(FeatureTap(model, tap_layers) if tap_layers else None)
+        samples = make_samples(model, model_dir, tokenizer, cfg, cfg.minutes * 60 * cfg.generate_share, capture)
+        if capture is not None:
+            if capture.tap is not None:
+                capture.tap.remove()
+            cache = capture.cache
+            cache.save(features_path)
+        samples.seconds = time.perf_counter() - t_gen
+        samples.save(samples_path)
+    if cache is None:  # a transformers target, or samples without (these) features: one forward each
+        t_feat = time.perf_counter()
+        tap = FeatureTap(model, tap_layers) if tap_layers else None
+        cache = compute_cache(model, tap, samples.sequences, device=cfg.device)
+        if tap is not None:
+            tap.remove()
+        cache.save(features_path)
+        samples.seconds += time.perf_counter() - t_feat  # part of the budget, like generating
+        samples.save(samples_path)
+    return samples, cache
+
+
+def held_out_batches(samples: Samples, cache: FeatureCache, seq_len: int, pad: int, size: int = 4) -> list:
+    return [make_batch(samples.sequences[i : i + size], samples.prompt_lens[i : i + size],
+                       cache.select(list(range(i, min(i + size, len(samples.sequences))))), seq_len, pad)
+            for i in range(0, len(samples.sequences), size)]
 
 
 def distill(target: str | os.PathLike, out: str | os.PathLike, config: DistillConfig | None = None,
@@ -121,25 +169,23 @@ def distill(target: str | os.PathLike, out: str | os.PathLike, config: DistillCo
     tokenizer = Tokenizer.load(model_dir)
     shape = target_shape(model)
 
-    samples_path = out / SAMPLES_FILE
-    if samples_path.is_file():  # a resumed run: the samples and what they cost are the first run's
-        samples = Samples.load(samples_path)
-    else:
-        t_gen = time.perf_counter()
-        samples = make_samples(model, model_dir, tokenizer, cfg, cfg.minutes * 60 * cfg.generate_share)
-        samples.seconds = time.perf_counter() - t_gen
-        samples.save(samples_path)
-    train_samples, test_samples = split(samples, cfg.held_out)
-    if not train_samples.sequences:
+    # The head's taps (its vocabulary is not known before the samples are).
+    tap_layers = HeadConfig.for_target(shape, 1, () if not cfg.features else cfg.tap_layers).tap_layers
+    samples, cache = samples_and_features(model, model_dir, tokenizer, cfg, out, tap_layers)
+    train_idx, test_idx = split(samples, cfg.held_out)
+    if not train_idx:
         raise SlmError("too few distillation samples to train on: raise --minutes")
+    train_samples, test_samples = pick(samples, train_idx), pick(samples, test_idx)
+    test_cache = cache.select(test_idx)
 
     d2t = draft_vocabulary(train_samples, shape.vocab_size, cfg.draft_vocab)
-    head_cfg = HeadConfig.for_target(shape, len(d2t), () if not cfg.features else cfg.tap_layers)
+    head_cfg = HeadConfig.for_target(shape, len(d2t), tap_layers)
     head = FeatureHead(head_cfg, input_embedding(model))
     head.init_weights(torch.Generator().manual_seed(cfg.seed))
     head.d2t = d2t
+    if head_cfg.features:  # from up to 64 training samples: a statistic, not a fit
+        head.set_tap_scale(torch.cat([cache.taps[i][:-1] for i in train_idx[:64]]))
     head.to(cfg.device)
-    tap = FeatureTap(model, head_cfg.tap_layers) if head_cfg.features else None
     pad = tokenizer.eos_id if tokenizer.eos_id is not None else 0
 
     # The budget covers the samples (whenever they were made) and training; loading is not counted.
@@ -156,12 +202,9 @@ def distill(target: str | os.PathLike, out: str | os.PathLike, config: DistillCo
                 on_snapshot(pending[0], d)
             pending.pop(0)
 
-    result = train_head(head, model, tap, train_samples, settings, out / "run", made_from, pad, snapshot)
-    test = [make_batch(test_samples.sequences[i : i + 4], test_samples.prompt_lens[i : i + 4], settings.seq_len, pad)
-            for i in range(0, len(test_samples.sequences), 4)]
-    per_depth = acceptance_by_depth(head, model, tap, test, settings.depth) if test else []
-    if tap is not None:
-        tap.remove()
+    result = train_head(head, train_samples, cache.select(train_idx), settings, out / "run", made_from, pad, snapshot)
+    per_depth = acceptance_by_depth(head, held_out_batches(test_samples, test_cache, settings.seq_len, pad),
+                                    max(settings.depth, 4)) if test_idx else []  # beyond the unroll too
     report = {
         "target": str(target), "samples": len(samples.sequences), "answer_tokens": samples.answer_tokens,
         "draft_vocab": len(d2t), "vocab_coverage": round(coverage(test_samples, d2t), 4),

@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from slm.atomic import replace_file, tmp_name
+from slm.distill.cache import Capture
 from slm.errors import SlmError
 from slm.generate import Stop, generate
 from slm.model import Transformer
@@ -71,8 +72,11 @@ class Samples:
 
 @torch.inference_mode()
 def answer_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingParams,
-                 stop_ids: tuple[int, ...], generator: torch.Generator | None = None) -> list[list[int]]:
-    """The target's answers (new tokens, a stop id included) to a batch of prompts, decoded together."""
+                 stop_ids: tuple[int, ...], generator: torch.Generator | None = None,
+                 capture: Capture | None = None, deadline: float | None = None) -> list[list[int]]:
+    """The target's answers (new tokens, a stop id included) to a batch of prompts, decoded together.
+    With `capture`, every forward's features and top next tokens are kept too (`slm.distill.cache`).
+    At `deadline` (time.perf_counter()) the answers stop where they are (the target's tokens still)."""
     lens = [len(p) for p in prompts]
     total = min(max(lens) + max_new_tokens, model.config.max_seq_len)
     if min(lens) >= total:
@@ -81,7 +85,11 @@ def answer_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: i
     start = min(lens)
     ids = torch.tensor([p[:start] for p in prompts])  # (B, start)
     device = model.tok_embeddings.weight.device
+    if capture is not None:
+        capture.begin(len(prompts), total, model.config.dim)
     logits = model(ids.to(device), torch.arange(start, device=device), logits_to_keep=1)[:, -1]  # (B, V)
+    if capture is not None:
+        capture.record(torch.arange(start), logits)
     new: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     for pos in range(start, total):
@@ -96,19 +104,24 @@ def answer_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: i
                 new[b].append(tok)
                 done[b] = tok in stop_ids or len(new[b]) >= max_new_tokens
             column.append(tok)
-        if all(done) or pos + 1 >= total:
+        if all(done) or pos + 1 >= total or (deadline is not None and time.perf_counter() > deadline):
             break
         logits = model(torch.tensor(column, device=device)[:, None], torch.tensor([pos], device=device))[:, -1]
+        if capture is not None:
+            capture.record(torch.tensor([pos]), logits)
     model.clear_cache()
+    if capture is not None:
+        capture.end([n + len(a) for n, a in zip(lens, new)])
     return new
 
 
 def answer_all(model, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingParams,
                stop_ids: tuple[int, ...], batch_size: int = 16, seconds: float | None = None,
                generator: torch.Generator | None = None, progress: Callable[[int], None] | None = None,
-               seed: int = 0, max_spread: int = 32) -> Samples:
+               seed: int = 0, max_spread: int = 32, capture: Capture | None = None) -> Samples:
     """Answer prompts in batches of similar length (taken in a seeded random order, so that a time
-    budget does not keep only the shortest) until done or `seconds` have passed."""
+    budget does not keep only the shortest) until done or `seconds` have passed. `capture` (slm
+    targets) keeps the features and labels of every sample, in the samples' order."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     batches: list[list[int]] = []
     for i in order:  # a batch's rows differ by at most `max_spread` prompt tokens (each a forced step)
@@ -124,7 +137,8 @@ def answer_all(model, prompts: list[list[int]], max_new_tokens: int, sampling: S
             break
         batch = [prompts[j] for j in rows]
         if isinstance(model, Transformer):
-            answers = answer_batch(model, batch, max_new_tokens, sampling, stop_ids, generator)
+            answers = answer_batch(model, batch, max_new_tokens, sampling, stop_ids, generator, capture,
+                                   None if seconds is None else t0 + seconds)
         else:
             answers = [generate(model, p, max_new_tokens, sampling, stop=Stop(ids=stop_ids), generator=generator).tokens
                        for p in batch]

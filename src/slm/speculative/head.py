@@ -39,7 +39,7 @@ from slm.model import FeedForward, RMSNorm, apply_rope, rope_cos_sin, rope_inv_f
 
 HEAD_CONFIG = "draft_head.json"
 HEAD_WEIGHTS = "draft_head.safetensors"
-FORMAT = 1
+FORMAT = 2  # 2: tap_scale
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,8 @@ class FeatureHead(nn.Module):
         d, mc = config.dim, config.model_config()
         self.n_heads, self.n_kv_heads, self.head_dim = mc.n_heads, mc.n_kv_heads, mc.head_dim
         self.fc = nn.Linear(len(config.tap_layers) * d, d, bias=False) if config.features else None
+        if config.features:  # 1 / each tapped dimension's RMS over the training data (`set_tap_scale`)
+            self.register_buffer("tap_scale", torch.ones(len(config.tap_layers) * d), persistent=True)
         self.emb_norm = RMSNorm(d, config.norm_eps)
         self.feat_norm = RMSNorm(d, config.norm_eps) if config.features else None
         self.fuse = nn.Linear(2 * d if config.features else d, d, bias=False)
@@ -150,7 +152,17 @@ class FeatureHead(nn.Module):
 
     def fuse_target(self, taps: torch.Tensor) -> torch.Tensor | None:
         """The target's concatenated tap outputs (B, T, n_taps*d) -> the head's feature (B, T, d)."""
-        return self.fc(taps) if self.fc is not None else None
+        return self.fc(taps * self.tap_scale) if self.fc is not None else None
+
+    @torch.no_grad()
+    def set_tap_scale(self, taps: torch.Tensor) -> None:
+        """Scale each tapped dimension to unit RMS over these features (N, n_taps*d). The target's
+        middle and late layers carry a few massive dimensions (SmolLM2: one at RMS ~1750 where the
+        median is 5-15), which would otherwise make fc's output nearly one constant direction."""
+        if taps.shape[0] == 0:
+            return
+        rms = taps.float().pow(2).mean(0).sqrt()
+        self.tap_scale.copy_(1.0 / rms.clamp_min(1e-3))
 
     # --- training: the unrolled draft ------------------------------------------------------
 
