@@ -15,11 +15,13 @@
 // Plain C ABI (loaded with ctypes): no Python or torch headers, so it builds in seconds.
 // The layout structs mirror slm/native/engine.py; keep the two in step.
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 #include <omp.h>
+#include <sched.h>
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define SLM_AVX2 1
@@ -69,9 +71,43 @@ int slm_native_simd() { return SLM_AVX2; }
 
 namespace {
 
+constexpr int SPIN_BEFORE_YIELD = 1 << 15;  // pause loops (~0.1-1 ms) before a waiting thread yields its core
 constexpr int QB = 32;  // quantisation block of activations and of int4 weights
 constexpr int MAX_BLOCKS = 512;  // int4 layers take at most MAX_BLOCKS * QB inputs (engine.py checks)
 constexpr int PREFETCH = 8192;  // bytes ahead in the weight stream (the hardware prefetcher alone falls short)
+
+// ---- the threads' meeting point ------------------------------------------------------------
+//
+// Why not OpenMP's own barriers: libgomp spins only ~100 times before sleeping on a futex whenever
+// it manages more threads than there are CPUs, which happens as soon as two Python threads have
+// each run a parallel region (a server's decoding thread beside the main thread's torch pool). Every
+// barrier then costs a futex wake-up: measured on 2 cores, a SmolLM2 step called from a second
+// thread took 40 ms against 25 ms from the main thread. This barrier spins (with pause) for a
+// while, then yields the core so that a thread preempted by another process can run.
+struct Barrier {
+  alignas(64) std::atomic<int> arrived{0};
+  alignas(64) std::atomic<int> phase{0};
+  int n = 1;
+
+  void wait() {
+    if (n == 1) return;
+    const int p = phase.load(std::memory_order_relaxed);  // cannot advance before this thread arrives
+    if (arrived.fetch_add(1, std::memory_order_acq_rel) == n - 1) {
+      arrived.store(0, std::memory_order_relaxed);
+      phase.store(p + 1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; phase.load(std::memory_order_acquire) == p; ++spins) {
+      if (spins < SPIN_BEFORE_YIELD) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+      } else {
+        sched_yield();
+      }
+    }
+  }
+};
 
 // ---- small vector helpers --------------------------------------------------------------------
 
@@ -373,19 +409,20 @@ struct Acts {
 };
 
 // Quantise rows (when `lin` needs it). Work-shared over rows, then a barrier.
-void prepare_input(const Lin& lin, Acts& a, int rows) {
+void prepare_input(const Lin& lin, Acts& a, int rows, Barrier& bar) {
   if (lin.kind != 0) {
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
     for (int r = 0; r < rows; ++r) quantize_row(a.row(r), a.k, a.qrow(r));
+    bar.wait();
   }
 }
 
-// y (rows, lin.n) = x W^T in tiles of TJ features x TR rows, work-shared over the feature tiles; an
-// implicit barrier at the end.
+// y (rows, lin.n) = x W^T in tiles of TJ features x TR rows, work-shared over the feature tiles; a
+// barrier at the end.
 template <int TJ, int TR>
-void linear_tiles(const Lin& lin, Acts& x, int rows, float* y) {
+void linear_tiles(const Lin& lin, Acts& x, int rows, float* y, Barrier& bar) {
   const int n = lin.n;
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
   for (int jt = 0; jt < (n + TJ - 1) / TJ; ++jt) {
     const int j = jt * TJ;
     for (int r0 = 0; r0 < rows; r0 += TR) {
@@ -405,17 +442,18 @@ void linear_tiles(const Lin& lin, Acts& x, int rows, float* y) {
       }
     }
   }
+  bar.wait();
 }
 
 // One row (a decode step): 4 features at a time, four independent accumulator chains. More rows
 // (verification, batched steps): 2 features x 4 rows, so each weight block loaded feeds 4 rows and
 // the accumulators still fit the 16 vector registers. The tile shape never changes the order in
 // which an output element is summed.
-void linear(const Lin& lin, Acts& x, int rows, float* y) {
+void linear(const Lin& lin, Acts& x, int rows, float* y, Barrier& bar) {
   if (rows == 1) {
-    linear_tiles<4, 1>(lin, x, rows, y);
+    linear_tiles<4, 1>(lin, x, rows, y, bar);
   } else {
-    linear_tiles<2, 4>(lin, x, rows, y);
+    linear_tiles<2, 4>(lin, x, rows, y, bar);
   }
 }
 
@@ -514,18 +552,22 @@ int slm_forward(const Model* m, int rows, const int64_t* tokens, const int64_t* 
     }
   }
 
+  Barrier bar;
 #pragma omp parallel num_threads(nthreads)
   {
+#pragma omp single
+    bar.n = omp_get_num_threads();  // (single ends with OpenMP's barrier: every thread sees n)
     float* sc = scores.data() + (size_t)omp_get_thread_num() * S;
     for (int l = 0; l < m->n_layers; ++l) {
       const Layer& L = m->layers[l];
       float *kc = m->kc[l], *vc = m->vc[l];
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
       for (int r = 0; r < rows; ++r) rmsnorm(x.data() + (size_t)r * D, L.attn_norm, h.row(r), D, m->eps);
-      prepare_input(L.wqkv, h, rows);
-      linear(L.wqkv, h, rows, qkv.data());
+      bar.wait();
+      prepare_input(L.wqkv, h, rows, bar);
+      linear(L.wqkv, h, rows, qkv.data(), bar);
       // RoPE on q and k heads; k and v into the cache at (seq, pos).
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
       for (int r = 0; r < rows; ++r) {
         float* row = qkv.data() + (size_t)r * qkv_n;
         const float* c = cs.data() + (size_t)r * hd;
@@ -536,8 +578,9 @@ int slm_forward(const Model* m, int rows, const int64_t* tokens, const int64_t* 
           std::memcpy(vc + at, row + (H + Hkv + g) * hd, sizeof(float) * hd);
         }
       }
+      bar.wait();
       // Attention: each (row, head) over positions 0..pos of its cache row.
-#pragma omp for schedule(static) collapse(2)
+#pragma omp for schedule(static) collapse(2) nowait
       for (int r = 0; r < rows; ++r) {
         for (int hh = 0; hh < H; ++hh) {
           const float* q = qkv.data() + (size_t)r * qkv_n + hh * hd;
@@ -551,33 +594,38 @@ int slm_forward(const Model* m, int rows, const int64_t* tokens, const int64_t* 
           for (int j = 0; j < n; ++j) axpy(sc[j] * inv, vb + (size_t)j * hd, o, hd);
         }
       }
-      prepare_input(L.wo, att, rows);
-      linear(L.wo, att, rows, y.data());
-#pragma omp for schedule(static)
+      bar.wait();
+      prepare_input(L.wo, att, rows, bar);
+      linear(L.wo, att, rows, y.data(), bar);
+#pragma omp for schedule(static) nowait
       for (int r = 0; r < rows; ++r) {
         float* xr = x.data() + (size_t)r * D;
         for (int i = 0; i < D; ++i) xr[i] += y[(size_t)r * D + i];
         rmsnorm(xr, L.ffn_norm, h.row(r), D, m->eps);
       }
-      prepare_input(L.w13, h, rows);
-      linear(L.w13, h, rows, gu.data());
-#pragma omp for schedule(static)
+      bar.wait();
+      prepare_input(L.w13, h, rows, bar);
+      linear(L.w13, h, rows, gu.data(), bar);
+#pragma omp for schedule(static) nowait
       for (int r = 0; r < rows; ++r) {
         const float* g = gu.data() + (size_t)r * 2 * F;
         swiglu(g, g + F, a.row(r), F);
       }
-      prepare_input(L.w2, a, rows);
-      linear(L.w2, a, rows, y.data());
-#pragma omp for schedule(static)
+      bar.wait();
+      prepare_input(L.w2, a, rows, bar);
+      linear(L.w2, a, rows, y.data(), bar);
+#pragma omp for schedule(static) nowait
       for (int r = 0; r < rows; ++r) {
         float* xr = x.data() + (size_t)r * D;
         for (int i = 0; i < D; ++i) xr[i] += y[(size_t)r * D + i];
       }
+      bar.wait();
     }
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
     for (int i = 0; i < n_logits; ++i) rmsnorm(x.data() + (size_t)logit_rows[i] * D, m->norm, fin.row(i), D, m->eps);
-    prepare_input(m->out, fin, n_logits);
-    linear(m->out, fin, n_logits, logits);
+    bar.wait();
+    prepare_input(m->out, fin, n_logits, bar);
+    linear(m->out, fin, n_logits, logits, bar);
   }
   return 0;
 }
@@ -592,10 +640,13 @@ int slm_linear(const Lin* lin, int rows, const float* x, float* y, int nthreads)
   Acts a;
   a.resize(rows, lin->k);
   std::memcpy(a.f.data(), x, sizeof(float) * (size_t)rows * lin->k);
+  Barrier bar;
 #pragma omp parallel num_threads(nthreads < 1 ? 1 : nthreads)
   {
-    prepare_input(*lin, a, rows);
-    linear(*lin, a, rows, y);
+#pragma omp single
+    bar.n = omp_get_num_threads();
+    prepare_input(*lin, a, rows, bar);
+    linear(*lin, a, rows, y, bar);
   }
   return 0;
 }
