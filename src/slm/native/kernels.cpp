@@ -74,7 +74,9 @@ namespace {
 constexpr int SPIN_BEFORE_YIELD = 1 << 15;  // pause loops (~0.1-1 ms) before a waiting thread yields its core
 constexpr int QB = 32;  // quantisation block of activations and of int4 weights
 constexpr int MAX_BLOCKS = 512;  // int4 layers take at most MAX_BLOCKS * QB inputs (engine.py checks)
-constexpr int PREFETCH = 8192;  // bytes ahead in the weight stream (the hardware prefetcher alone falls short)
+// Bytes ahead in the weight stream of a 1-row tile (the hardware prefetcher alone falls short). Tiles
+// of more rows are compute-bound and their extra prefetch loads cost more than they bring.
+constexpr int PREFETCH = 8192;
 
 // ---- the threads' meeting point ------------------------------------------------------------
 //
@@ -228,15 +230,14 @@ void tile_f32(const float* w, int k, const float* const* x, float* const* y, int
   for (int a = 0; a < JB; ++a)
     for (int r = 0; r < RB; ++r) acc[a][r] = _mm256_setzero_ps();
   int i = 0;
+  // Registers: JB * RB accumulators + RB activations + 1 weight vector (4 x 3 fills all 16).
   for (; i + 8 <= k; i += 8) {
-    __m256 vw[JB];
+    __m256 vx[RB];
+    for (int r = 0; r < RB; ++r) vx[r] = _mm256_loadu_ps(x[r] + i);
     for (int a = 0; a < JB; ++a) {
-      _mm_prefetch((const char*)(w + (size_t)a * k + i) + PREFETCH, _MM_HINT_T0);
-      vw[a] = _mm256_loadu_ps(w + (size_t)a * k + i);
-    }
-    for (int r = 0; r < RB; ++r) {
-      __m256 vx = _mm256_loadu_ps(x[r] + i);
-      for (int a = 0; a < JB; ++a) acc[a][r] = _mm256_fmadd_ps(vw[a], vx, acc[a][r]);
+      if (RB == 1) _mm_prefetch((const char*)(w + (size_t)a * k + i) + PREFETCH, _MM_HINT_T0);
+      const __m256 vw = _mm256_loadu_ps(w + (size_t)a * k + i);
+      for (int r = 0; r < RB; ++r) acc[a][r] = _mm256_fmadd_ps(vw, vx[r], acc[a][r]);
     }
   }
   for (int a = 0; a < JB; ++a)
@@ -266,7 +267,7 @@ void tile_q8(const int8_t* w, const float* wscale, int k, const QRow* x, float* 
   for (int b = 0; b < nb; ++b) {
     __m256i vw[JB], aw[JB];
     for (int a = 0; a < JB; ++a) {
-      _mm_prefetch((const char*)(w + (size_t)a * k + b * QB) + PREFETCH, _MM_HINT_T0);
+      if (RB == 1) _mm_prefetch((const char*)(w + (size_t)a * k + b * QB) + PREFETCH, _MM_HINT_T0);
       vw[a] = _mm256_loadu_si256((const __m256i*)(w + (size_t)a * k + b * QB));
       aw[a] = _mm256_sign_epi8(vw[a], vw[a]);
     }
@@ -335,7 +336,7 @@ void tile_q4(const uint8_t* codes, const uint16_t* sm, int k, const QRow* x, flo
   for (int b = 0; b < nb; ++b) {
     __m256i q[JB];
     for (int a = 0; a < JB; ++a) {
-      _mm_prefetch((const char*)(codes + (size_t)a * (k / 2) + b * 16) + PREFETCH, _MM_HINT_T0);
+      if (RB == 1) _mm_prefetch((const char*)(codes + (size_t)a * (k / 2) + b * 16) + PREFETCH, _MM_HINT_T0);
       __m128i v = _mm_loadu_si128((const __m128i*)(codes + (size_t)a * (k / 2) + b * 16));
       q[a] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), low);  // elements 0..31, each 0..15
     }
@@ -425,8 +426,11 @@ void linear_tiles(const Lin& lin, Acts& x, int rows, float* y, Barrier& bar) {
 #pragma omp for schedule(static) nowait
   for (int jt = 0; jt < (n + TJ - 1) / TJ; ++jt) {
     const int j = jt * TJ;
-    for (int r0 = 0; r0 < rows; r0 += TR) {
-      const int rb = rows - r0 < TR ? rows - r0 : TR;
+    for (int r0 = 0, rb; r0 < rows; r0 += rb) {
+      // Groups of TR rows, but never a lone row after a group: a 1-row tile has only TJ
+      // accumulator chains and waits on the FMA latency (5 rows go as 3 + 2, not 4 + 1).
+      const int left = rows - r0;
+      rb = left == TR + 1 && TR > 2 ? 2 : (left < TR ? left : TR);
       const float* xf[TR];
       QRow xq[TR];
       float* yr[TR];
@@ -452,6 +456,8 @@ void linear_tiles(const Lin& lin, Acts& x, int rows, float* y, Barrier& bar) {
 void linear(const Lin& lin, Acts& x, int rows, float* y, Barrier& bar) {
   if (rows == 1) {
     linear_tiles<4, 1>(lin, x, rows, y, bar);
+  } else if (lin.kind == 0) {
+    linear_tiles<4, 3>(lin, x, rows, y, bar);  // 12 accumulator chains (tile_f32)
   } else {
     linear_tiles<2, 4>(lin, x, rows, y, bar);
   }
