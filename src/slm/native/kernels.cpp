@@ -16,6 +16,7 @@
 // The layout structs mirror slm/native/engine.py; keep the two in step.
 
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -71,7 +72,11 @@ int slm_native_simd() { return SLM_AVX2; }
 
 namespace {
 
-constexpr int SPIN_BEFORE_YIELD = 1 << 15;  // pause loops (~0.1-1 ms) before a waiting thread yields its core
+// A thread that has waited this long at a barrier yields its core between polls: its partner may be
+// waiting for that core (more threads than free cores). Not sooner: a yield hands the core to any
+// runnable process, even a niced one, for a whole time slice, and the short waits of a busy server
+// (its HTTP thread, its clients) then cost a slice at every barrier (measured: 300 ms steps).
+constexpr auto YIELD_AFTER = std::chrono::milliseconds(2);
 constexpr int QB = 32;  // quantisation block of activations and of int4 weights
 constexpr int MAX_BLOCKS = 512;  // int4 layers take at most MAX_BLOCKS * QB inputs (engine.py checks)
 // Bytes ahead in the weight stream of a 1-row tile (the hardware prefetcher alone falls short). Tiles
@@ -84,8 +89,8 @@ constexpr int PREFETCH = 8192;
 // it manages more threads than there are CPUs, which happens as soon as two Python threads have
 // each run a parallel region (a server's decoding thread beside the main thread's torch pool). Every
 // barrier then costs a futex wake-up: measured on 2 cores, a SmolLM2 step called from a second
-// thread took 40 ms against 25 ms from the main thread. This barrier spins (with pause) for a
-// while, then yields the core so that a thread preempted by another process can run.
+// thread took 40 ms against 25 ms from the main thread. This barrier spins (with pause), and
+// yields between polls only after a long wait (YIELD_AFTER).
 struct Barrier {
   alignas(64) std::atomic<int> arrived{0};
   alignas(64) std::atomic<int> phase{0};
@@ -99,13 +104,15 @@ struct Barrier {
       phase.store(p + 1, std::memory_order_release);
       return;
     }
+    std::chrono::steady_clock::time_point start;
     for (int spins = 0; phase.load(std::memory_order_acquire) == p; ++spins) {
-      if (spins < SPIN_BEFORE_YIELD) {
 #if defined(__x86_64__) || defined(__i386__)
-        __builtin_ia32_pause();
+      __builtin_ia32_pause();
 #endif
-      } else {
-        sched_yield();
+      if (spins % 256 == 255) {  // look at the clock now and then (a pause is ~10-150 cycles)
+        auto now = std::chrono::steady_clock::now();
+        if (spins == 255) start = now;
+        else if (now - start > YIELD_AFTER) sched_yield();
       }
     }
   }
