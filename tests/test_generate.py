@@ -77,3 +77,34 @@ def test_sampling_is_seeded(models):
     b = generate(ours, [5, 6], 20, params, stop=Stop(), generator=torch.Generator().manual_seed(1)).tokens
     c = generate(ours, [5, 6], 20, params, stop=Stop(), generator=torch.Generator().manual_seed(2)).tokens
     assert a == b and a != c
+
+
+def test_resuming_from_a_cached_prefix_scores_only_the_rest(models):
+    """`cached=N`: a continuation whose first N tokens an earlier call left in the cache gives the
+    output of scoring everything again, and only the rest is scored (the cache is what it reads:
+    corrupting the skipped positions changes the output)."""
+    ours, hf = models
+    prompt = [5, 6, 7, 8, 9, 10]
+    first = generate(ours, prompt, max_new_tokens=10, stop=Stop()).tokens
+    # Resume after the first 4 new tokens: prompt + 4 tokens, of which all but the last are cached.
+    context = prompt + first[:4]
+    resumed = generate(ours, context, max_new_tokens=6, stop=Stop(), cached=len(context) - 1).tokens
+    assert resumed == first[4:]
+    again = generate(ours, context, max_new_tokens=6, stop=Stop()).tokens
+    assert again == first[4:]
+    # The skipped positions really are read from the cache, not recomputed.
+    generate(ours, context, max_new_tokens=1, stop=Stop())  # cache context[:-1] again
+    with torch.inference_mode():  # the cache was made inside generate's inference mode
+        for layer in ours.layers:
+            layer.attention.kv_cache.k[:, :, : len(context) - 1].normal_(generator=torch.Generator().manual_seed(0))
+    corrupted = generate(ours, context, max_new_tokens=6, stop=Stop(), cached=len(context) - 1).tokens
+    assert corrupted != first[4:]
+
+
+def test_bad_cached_prefix(models):
+    ours, hf = models
+    for bad in (-1, 3, True, 1.5):
+        with pytest.raises(SlmError, match="cached must be an int in \\[0, 2\\]"):
+            generate(ours, [5, 6, 7], max_new_tokens=2, cached=bad)
+    with pytest.raises(SlmError, match="needs an slm Transformer"):
+        generate(hf, [5, 6, 7], max_new_tokens=2, cached=1)

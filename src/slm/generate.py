@@ -22,7 +22,7 @@ import torch
 from slm.errors import SlmError
 from slm.sampling import SamplingParams, next_token
 from slm.speculative.drafts import NOTHING, Draft, as_draft
-from slm.speculative.lm import CachedLM, as_lm, eos_id
+from slm.speculative.lm import CachedLM, SlmLM, as_lm, eos_id
 from slm.speculative.schedule import NO_DRAFT, FixedK, Round, check_draft_tokens, schedule_for
 from slm.speculative.verify import verify_round
 
@@ -115,6 +115,7 @@ def generate(
     stop: Stop | None = None,
     on_token: Callable[[int, bool], None] | None = None,
     generator: torch.Generator | None = None,
+    cached: int = 0,
 ) -> GenerationResult:
     """Generate up to `max_new_tokens` after `prompt` (batch 1).
 
@@ -125,6 +126,9 @@ def generate(
     stop: what ends generation early (default: the model's EOS id).
     on_token: called as on_token(token_id, from_draft) for every new token as soon as it exists;
         from_draft is True iff the draft proposed it and the model accepted it.
+    cached: how many leading prompt tokens an earlier call on this sequence already left in the
+        model's KV cache (an slm Transformer's cache persists between calls): they are not scored
+        again. A server resuming a request on its cache row passes it; 0 (the default) scores all.
     stats: rounds (target forwards after the prefill, which gives the first token), draft_n
         (tokens drafted), draft_n_accepted, accepted_per_pos (how often the i-th drafted token of
         a round was accepted), accepted_per_round (in each round that drafted), acceptance_rate
@@ -145,6 +149,13 @@ def generate(
         stop = Stop(ids=() if target.eos_id is None else (target.eos_id,))
     budget = min(max_new_tokens, target.max_seq_len - len(prompt))
     reason = "length" if budget == max_new_tokens else "context"
+
+    if isinstance(cached, bool) or not isinstance(cached, int) or not 0 <= cached < len(prompt):
+        raise SlmError(f"cached must be an int in [0, {len(prompt) - 1}] (prompt tokens already in the cache), "
+                       f"got {cached!r}")
+    if cached and not (isinstance(target, SlmLM) and target.model.cache_len >= len(prompt) + budget):
+        raise SlmError("cached > 0 needs an slm Transformer whose KV cache already holds the whole sequence "
+                       "(it persists between calls; a larger one would be allocated empty)")
 
     t0 = time.perf_counter()
     target.prepare(len(prompt) + budget)
@@ -167,7 +178,7 @@ def generate(
     # round invariant holds (that token pending, everything before it cached).
     why = None
     if budget > 0:
-        logits = target.forward(prompt, 0, last_only=True)  # (1, V)
+        logits = target.forward(prompt[cached:], cached, last_only=True)  # (1, V)
         why = emit([int(next_token(logits[-1], sampling, generator))], 0)
     from_prefill = len(new)
     prefill_s = time.perf_counter() - t0

@@ -5,9 +5,10 @@ holds one row. Two ways to advance requests, both exact:
 
 - `run_alone`: while exactly one request is active, it is decoded by the library's own
   single-request path on its row (`slm.generate.generate`, with the server's draft if it has one),
-  so its output is the one `slm generate` gives. The library re-prefills the context it is handed
-  (its API starts from a prompt), and it stops, via `Stop.interrupt`, as soon as another request is
-  waiting to join.
+  so its output is the one `slm generate` gives. The library is told how much of the context the
+  row already caches (`cached`), so a request that comes back from batched steps is not scored
+  again (a draft with a cache of its own catches up by itself), and it stops, via `Stop.interrupt`,
+  as soon as another request is waiting to join.
 - `prefill_row` + `decode_rows`: with two or more requests, one forward over all their rows per
   step, each row at its own positions (`Transformer.forward` with input_pos of shape (B, T)). With a
   draft, greedy rows also carry up to `BATCH_LOOKUP_K` prompt-lookup draft tokens (`lookup`),
@@ -73,17 +74,17 @@ class Decoder:
         self.lookups: dict[str, NgramDraft] = {}
 
     @torch.inference_mode()
-    def run_alone(self, row: int, context: list[int], max_new: int, sampling: SamplingParams, stop_ids,
-                  generator: torch.Generator, should_stop: Callable[[list[int]], bool],
+    def run_alone(self, row: int, context: list[int], cached: int, max_new: int, sampling: SamplingParams,
+                  stop_ids, generator: torch.Generator, should_stop: Callable[[list[int]], bool],
                   on_token: Callable[[int, bool], None], speculate: bool = True) -> SpecCounts:
         """Decode one request on its row with the library's single-request path until it finishes or
-        `should_stop` says so (with the draft if there is one and `speculate`). Afterwards the row
-        caches context[:-1] (the last token is pending)."""
+        `should_stop` says so (with the draft if there is one and `speculate`). The row caches
+        context[:cached] before; afterwards it caches context[:-1] (the last token is pending)."""
         self.caches.bind(self.caches.row[row])
         result = generate(
             self.model, context, max_new, sampling, draft=self.draft if speculate else None,
             draft_tokens=self.draft_tokens, stop=Stop(ids=tuple(sorted(stop_ids)), interrupt=should_stop),
-            on_token=on_token, generator=generator,
+            on_token=on_token, generator=generator, cached=cached,
         )
         s = result.stats
         return SpecCounts(len(s["accepted_per_round"]), s["draft_n"], s["draft_n_accepted"], s["accepted_per_pos"])

@@ -143,8 +143,9 @@ class Scheduler:
             # Another request waiting to join ends the solo run (after the token just emitted).
             return req.done or (bool(self.waiting) and len(self.rows) > 1)
 
-        counts = self.decoder.run_alone(req.row, context, remaining, req.sampling, req.stop_ids, req.generator,
-                                        should_stop, lambda t, d: self._push(req, t, d), req.speculate)
+        counts = self.decoder.run_alone(req.row, context, min(req.cached, len(context) - 1), remaining, req.sampling,
+                                        req.stop_ids, req.generator, should_stop, lambda t, d: self._push(req, t, d),
+                                        req.speculate)
         req.cached = len(req.context) - 1  # the library leaves the last token pending
         req.spec.drafts += counts.drafts
         req.spec.draft_tokens += counts.draft_tokens
