@@ -191,3 +191,24 @@ def test_batched_verification_of_per_row_lookup_drafts():
     assert sum(r.spec.draft_tokens for r, _ in reqs) >= drafted and sched.metrics.steps["alone"] == 0
     _drive(sched, {0: []})  # the rest (the longer one alone)
     assert [r.generated for r, _ in reqs] == want
+
+
+def test_lookup_gate_drafts_only_positions_that_pay():
+    """The batched steps' lookup drafting closes position by position when its drafts are mostly
+    rejected, keeps probing, and opens again when they are accepted."""
+    from slm.serve.decoding import BATCH_LOOKUP_K, LookupGate
+
+    gate = LookupGate()
+    assert gate.positions() == BATCH_LOOKUP_K  # the prior is open
+    for _ in range(60):  # the first token accepted 80% of the time, later ones never
+        gate.record(BATCH_LOOKUP_K, 1 if gate.steps % 5 else 0)
+        gate.positions()
+    counts = [gate.positions() for _ in range(2 * LookupGate.PROBE_EVERY)]
+    assert sorted(set(counts)) == [1, BATCH_LOOKUP_K]  # position 0 only, plus the periodic probes
+    assert counts.count(BATCH_LOOKUP_K) == 2
+    for _ in range(100):  # everything accepted: every position opens
+        gate.record(BATCH_LOOKUP_K, BATCH_LOOKUP_K)
+    assert gate.positions() == BATCH_LOOKUP_K and gate.positions() == BATCH_LOOKUP_K
+    for _ in range(200):  # nothing accepted: drafting stops but for the probes
+        gate.record(BATCH_LOOKUP_K, 0)
+    assert [gate.positions() for _ in range(LookupGate.PROBE_EVERY)].count(0) == LookupGate.PROBE_EVERY - 1

@@ -10,7 +10,8 @@ running batch at any step. A step is either:
 - two or more requests: rows whose context is not cached yet are prefilled (their first token
   comes from the prefill), then every row advances in a single batched forward, each row at its
   own positions. With a draft, each greedy row also carries up to `BATCH_LOOKUP_K` prompt-lookup
-  draft tokens, verified per row: a row keeps its accepted prefix plus the target's next token.
+  draft tokens (as many positions as `LookupGate` finds worth their rows), verified per row: a row
+  keeps its accepted prefix plus the target's next token.
 
 So speculation runs with the server's full draft (model, lookup, adaptive K) while one request
 runs, and as batched verification of per-row prompt-lookup drafts with two or more. Both give
@@ -28,7 +29,7 @@ from __future__ import annotations
 import collections
 import threading
 
-from slm.serve.decoding import BATCH_LOOKUP_K, Decoder, accept, pick
+from slm.serve.decoding import Decoder, LookupGate, accept, pick
 from slm.serve.metrics import Metrics
 from slm.serve.requests import Request
 
@@ -47,6 +48,7 @@ class Scheduler:
         self.closed = False
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="slm-scheduler", daemon=True)
+        self.gate = LookupGate()
 
     # --- called from the HTTP side -----------------------------------------------------
 
@@ -174,17 +176,18 @@ class Scheduler:
             return
         n = max(req.row for req in batch) + 1
         tokens, starts, drafts = [[0]] * n, [0] * n, {}
+        k = self.gate.positions() if self.decoder.draft is not None else 0
         for req in batch:
             context = req.context
             room = min(req.max_tokens - len(req.generated), self.decoder.ctx - len(context)) - 1
-            drafts[req.row] = self.decoder.lookup(req.id, context, min(BATCH_LOOKUP_K, room)) \
-                if req.sampling.greedy else []
+            drafts[req.row] = self.decoder.lookup(req.id, context, min(k, room)) if req.sampling.greedy else []
             tokens[req.row], starts[req.row] = [context[-1]] + drafts[req.row], len(context) - 1
         logits = self.decoder.decode_rows(tokens, starts)  # (n, T, V)
         for req in batch:
             d = drafts[req.row]
             if d:
                 accepted, extra = accept(logits[req.row, : len(d) + 1], d)
+                self.gate.record(len(d), accepted)
                 req.spec.drafts += 1
                 req.spec.draft_tokens += len(d)
                 req.spec.accepted_tokens += accepted
