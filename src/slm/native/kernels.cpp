@@ -208,16 +208,47 @@ struct QRow {  // one row of k activations: q (k,), scale (k/32,), scale * sum(q
   float* qsum;
 };
 
-void quantize_row(const float* x, int k, QRow out) {
-  for (int b = 0; b < k / QB; ++b) {
+// Where element i of block b sits in q. Natural: b * QB + i. Paired (int4 layers): the blocks of each
+// pair (b, b+1) as [b 0..15 | b+1 0..15 | b 16..31 | b+1 16..31], the order in which one 32-byte
+// load of a pair's 4-bit codes unpacks (low nibbles, then high); a last unpaired block stays natural.
+inline int q_index(int b, int i, int nb, bool paired) {
+  if (!paired || b >= nb - nb % 2) return b * QB + i;
+  return (b & ~1) * QB + (i >= 16 ? 32 : 0) + (b & 1) * 16 + (i & 15);
+}
+
+void quantize_row(const float* x, int k, QRow out, bool paired) {
+  const int nb = k / QB;
+  for (int b = 0; b < nb; ++b) {
     const float* xb = x + b * QB;
     float amax = 0.f;
+    int i0 = 0;
+#if SLM_AVX2
+    // max and round-to-nearest-even are exact, so this is the scalar loop's result, 8 at a time.
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 vmax = _mm256_setzero_ps();
+    for (int i = 0; i < QB; i += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + i)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+#else
     for (int i = 0; i < QB; ++i) amax = std::fmax(amax, std::fabs(xb[i]));
+#endif
     float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
     int sum = 0;
-    for (int i = 0; i < QB; ++i) {
+#if SLM_AVX2
+    alignas(32) int32_t qi[QB];
+    const __m256 vid = _mm256_set1_ps(id);
+    for (int i = 0; i < QB; i += 8)
+      _mm256_store_si256((__m256i*)(qi + i), _mm256_cvtps_epi32(_mm256_round_ps(
+          _mm256_mul_ps(_mm256_loadu_ps(xb + i), vid), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+    for (; i0 < QB; ++i0) {
+      out.q[q_index(b, i0, nb, paired)] = (int8_t)qi[i0];
+      sum += qi[i0];
+    }
+#endif
+    for (int i = i0; i < QB; ++i) {
       int v = (int)std::nearbyint(xb[i] * id);
-      out.q[b * QB + i] = (int8_t)v;
+      out.q[q_index(b, i, nb, paired)] = (int8_t)v;
       sum += v;
     }
     out.s[b] = d;
@@ -340,10 +371,35 @@ void tile_q4(const uint8_t* codes, const uint16_t* sm, int k, const QRow* x, flo
   __m256 acc[JB][RB];
   for (int a = 0; a < JB; ++a)
     for (int r = 0; r < RB; ++r) acc[a][r] = _mm256_setzero_ps();
-  for (int b = 0; b < nb; ++b) {
+  // Two blocks per step: one 32-byte load holds both blocks' codes; its low nibbles are elements
+  // 0..15 of each, its high nibbles 16..31, matching the paired activations (q_index), so nothing
+  // is shuffled. The int32 sums of block b land in lanes 0..3, of b+1 in lanes 4..7.
+  const __m256i pair = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  int b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    __m256i lo[JB], hi[JB];
+    for (int a = 0; a < JB; ++a) {
+      const uint8_t* c = codes + (size_t)a * (k / 2) + b * 16;
+      if (RB == 1) _mm_prefetch((const char*)c + PREFETCH, _MM_HINT_T0);
+      __m256i v = _mm256_loadu_si256((const __m256i*)c);
+      lo[a] = _mm256_and_si256(v, low);
+      hi[a] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+    }
+    for (int r = 0; r < RB; ++r) {
+      const __m256i xlo = _mm256_loadu_si256((const __m256i*)(x[r].q + b * QB));
+      const __m256i xhi = _mm256_loadu_si256((const __m256i*)(x[r].q + b * QB + 32));
+      for (int a = 0; a < JB; ++a) {
+        // q <= 15, |x| <= 127: each int16 sum <= 2 * 15 * 127, two of them still fit.
+        __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo[a], xlo), _mm256_maddubs_epi16(hi[a], xhi));
+        __m256 sc = _mm256_permutevar8x32_ps(
+            _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd((const double*)&sx[a][r][b]))), pair);
+        acc[a][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), sc, acc[a][r]);
+      }
+    }
+  }
+  for (; b < nb; ++b) {  // a last unpaired block
     __m256i q[JB];
     for (int a = 0; a < JB; ++a) {
-      if (RB == 1) _mm_prefetch((const char*)(codes + (size_t)a * (k / 2) + b * 16) + PREFETCH, _MM_HINT_T0);
       __m128i v = _mm_loadu_si128((const __m128i*)(codes + (size_t)a * (k / 2) + b * 16));
       q[a] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), low);  // elements 0..31, each 0..15
     }
@@ -365,7 +421,8 @@ void tile_q4(const uint8_t* codes, const uint16_t* sm, int k, const QRow* x, flo
         const uint8_t* c = codes + (size_t)a * (k / 2) + b * 16;
         int d = 0;
         for (int i = 0; i < 16; ++i)
-          d += (int)(c[i] & 0x0f) * (int)x[r].q[b * QB + i] + (int)(c[i] >> 4) * (int)x[r].q[b * QB + i + 16];
+          d += (int)(c[i] & 0x0f) * (int)x[r].q[q_index(b, i, nb, true)] +
+               (int)(c[i] >> 4) * (int)x[r].q[q_index(b, i + 16, nb, true)];
         sum += (float)d * sx[a][r][b];
       }
       y[r][j + a] = sum + msum[a][r];
@@ -420,7 +477,7 @@ struct Acts {
 void prepare_input(const Lin& lin, Acts& a, int rows, Barrier& bar) {
   if (lin.kind != 0) {
 #pragma omp for schedule(static) nowait
-    for (int r = 0; r < rows; ++r) quantize_row(a.row(r), a.k, a.qrow(r));
+    for (int r = 0; r < rows; ++r) quantize_row(a.row(r), a.k, a.qrow(r), lin.kind == 2);
     bar.wait();
   }
 }
@@ -472,7 +529,13 @@ void linear(const Lin& lin, Acts& x, int rows, float* y, Barrier& bar) {
 
 void rmsnorm(const float* x, const float* w, float* y, int n, float eps) {
   float ss = 0.f;
-  for (int i = 0; i < n; ++i) ss += x[i] * x[i];
+  int i0 = 0;
+#if SLM_AVX2
+  __m256 acc = _mm256_setzero_ps();
+  for (; i0 + 8 <= n; i0 += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + i0), _mm256_loadu_ps(x + i0), acc);
+  ss = hsum(acc);
+#endif
+  for (int i = i0; i < n; ++i) ss += x[i] * x[i];
   float inv = 1.f / std::sqrt(ss / (float)n + eps);
   for (int i = 0; i < n; ++i) y[i] = x[i] * inv * w[i];
 }
