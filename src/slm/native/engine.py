@@ -8,8 +8,14 @@ prompt's prefill) run the model itself, whose large matmuls PyTorch does well. B
 cache, so they mix freely. The model file stays pure: this is an executor beside it, like
 `slm.pack`, and `tests/test_native.py` holds it to the model's logits.
 
-A model it cannot run (another dtype or device, forward hooks such as `FeatureTap`'s, shapes the
-kernels do not take) runs eagerly, packed (`slm.pack`), exactly as before.
+A feature draft's tap (`slm.speculative.features.FeatureTap`) reads the outputs of some decoder
+blocks through forward hooks. Its hooks carry a `native_tap` attribute (the tap), which tells the
+decoder it may run natively anyway: the kernels return the residual stream after the tapped layers
+and the tap stores it as its hooks would (`native_out`, `native_keep`). Any other forward hook, or
+more than one tap, needs the eager forward and gets it.
+
+A model it cannot run (another dtype or device, unknown forward hooks, shapes the kernels do not
+take) runs eagerly, packed (`slm.pack`), exactly as before.
 """
 
 from __future__ import annotations
@@ -89,10 +95,22 @@ def run_linear(lib: ctypes.CDLL, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def _hooked(model: Transformer) -> bool:
-    """Forward hooks (e.g. FeatureTap's) must see the eager forward."""
-    return any(m._forward_hooks or m._forward_pre_hooks for m in (model, *model.layers._modules.values())) or bool(
-        nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+_EAGER = object()
+
+
+def _tap(model: Transformer):
+    """The tap whose hooks are all the model's (None: no hooks), or _EAGER when some hook must see the
+    eager forward: one that is not a tap's (`native_tap`), a global one, or those of two taps."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return _EAGER
+    taps = set()
+    for m in (model, *model.layers._modules.values()):
+        for hooks in (m._forward_hooks, m._forward_pre_hooks):
+            for hook in hooks.values():
+                taps.add(getattr(hook, "native_tap", _EAGER))
+    if len(taps) > 1 or _EAGER in taps:
+        return _EAGER
+    return taps.pop() if taps else None
 
 
 class ThreadChooser:
@@ -207,9 +225,12 @@ class NativeDecoder:
         """As `Transformer.forward(tokens, input_pos, logits_to_keep=...)` with a cache: (B, T) -> (B, T', V)."""
         B, T = tokens.shape
         model = self.model
-        if B * T > MAX_ROWS or torch.is_grad_enabled() or _hooked(model):
+        tap = _EAGER if B * T > MAX_ROWS or torch.is_grad_enabled() else _tap(model)
+        if tap is _EAGER:
             return model(tokens, input_pos, logits_to_keep=logits_to_keep)
         self._bind_caches()
+        taps = tap.native_out(B, input_pos) if tap is not None else None  # (B*T, n_taps*dim) fp32, or None
+        tap_layers = tap.layers if taps is not None else ()
         n = B * T
         keep = min(logits_to_keep, T) if logits_to_keep else T
         pos = input_pos.tolist()
@@ -222,13 +243,17 @@ class NativeDecoder:
         t0 = time.perf_counter()
         rc = self.lib.slm_forward(
             ctypes.byref(self.desc), n, arr(*tokens.reshape(-1).tolist()), arr(*[b for b in range(B) for _ in range(T)]),
-            arr(*pos), len(rows), (ctypes.c_int64 * len(rows))(*rows), logits.data_ptr(), threads)
+            arr(*pos), len(rows), (ctypes.c_int64 * len(rows))(*rows), logits.data_ptr(),
+            len(tap_layers), (_c_int * len(tap_layers))(*tap_layers), None if taps is None else taps.data_ptr(), threads)
         if n == 1:
             self.threads.record(threads, time.perf_counter() - t0)
         if rc != 0:
             what = {-1: "a token id outside the vocabulary", -2: "a batch row beyond the KV cache",
-                    -3: f"a position beyond the KV cache length {self.desc.cache_len}"}.get(rc, f"bad arguments ({rc})")
+                    -3: f"a position beyond the KV cache length {self.desc.cache_len}",
+                    -5: f"a tapped layer outside 0..{self.desc.n_layers - 1}"}.get(rc, f"bad arguments ({rc})")
             raise SlmError(f"native forward: {what}")
+        if taps is not None:
+            tap.native_keep(taps, B, input_pos)
         return logits.view(B, keep, -1)
 
 
