@@ -30,9 +30,9 @@ def eager_calls(monkeypatch):
     return calls
 
 
-def pair(length: int = 96, **kw):
-    """The same 4-layer model twice, each with a tap collecting into a buffer: (eager model, its tap,
-    native decoder, its tap)."""
+def pair(length: int = 96, inference_buffer: bool = False, **kw):
+    """The same 4-layer model twice, each with a tap collecting into a buffer (made in inference mode,
+    as `FeatureDraft.reset` makes it, or not): (eager model, its tap, native decoder, its tap)."""
     model = tiny(n_layers=4, max_seq_len=length, **kw)
     ref = Transformer(model.config).eval()
     ref.load_state_dict(model.state_dict())
@@ -40,7 +40,8 @@ def pair(length: int = 96, **kw):
     for m in (ref, model):
         m.setup_cache(1, length)
         tap = FeatureTap(m, LAYERS)
-        tap.start(length, m.config.dim, torch.float32, "cpu")
+        with torch.inference_mode(inference_buffer):
+            tap.start(length, m.config.dim, torch.float32, "cpu")
         taps.append(tap)
     return ref, taps[0], decoder(model), taps[1]
 
@@ -50,9 +51,10 @@ def close(a: torch.Tensor, b: torch.Tensor) -> None:
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
 
 
+@pytest.mark.parametrize("inference_buffer", [True, False], ids=["inference-buffer", "plain-buffer"])
 @pytest.mark.parametrize("prefill", [9, engine.MAX_ROWS + 7], ids=["native-prefill", "eager-prefill"])
-def test_the_native_forward_fills_the_taps_buffer_as_the_hooks_do(prefill, eager_calls):
-    ref, ref_tap, nat, tap = pair()
+def test_the_native_forward_fills_the_taps_buffer_as_the_hooks_do(prefill, inference_buffer, eager_calls):
+    ref, ref_tap, nat, tap = pair(inference_buffer=inference_buffer)
     assert isinstance(nat, NativeDecoder) and engine._tap(nat.model) is tap
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, 96, (1, prefill), generator=g)

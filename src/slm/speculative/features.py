@@ -111,8 +111,8 @@ class FeatureTap:
 
     def native_keep(self, out: torch.Tensor, batch: int, pos: torch.Tensor) -> None:
         """After the native forward that filled `out` (from `native_out`): store it as the hooks would."""
-        if out._base is not None and out._base is self.buffer:
-            return  # written in place
+        if self.buffer is not None and out.untyped_storage().data_ptr() == self.buffer.untyped_storage().data_ptr():
+            return  # written in place (inference tensors keep no `_base` to ask)
         feats = out.view(batch, pos.shape[-1], len(self.layers), -1)  # (B, T, n_taps, d)
         for slot in range(len(self.layers)):
             self._keep(slot, feats[:, :, slot], pos)
