@@ -13,6 +13,9 @@ the layer step, the trimmed-vocabulary output layer). Every figure is the median
 are medians of each round's own ratio (the parts of a round ran back to back, so load that changes
 between rounds cancels). The load average is printed: on a busy machine the absolute times mean
 little, the ratios somewhat more.
+Part 3 (--prompts P > 0, with --distilled): greedy generation of --new-tokens on the first P HumanEval
+prompts, target alone vs the distilled draft at K (tap native) vs the same with its tap sent to the
+eager forward (before), interleaved rounds (`speculative.interleaved`), outputs checked identical.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from speculative import humaneval_prompts, load_smollm2, log  # noqa: E402
+from speculative import (distilled_row_extras, humaneval_prompts, interleaved, load_smollm2, log,  # noqa: E402
+                         ours_plain, ours_spec, ratios)
 
 
 def per_call(fn, calls: int) -> float:
@@ -60,6 +64,38 @@ def summary(times: dict[str, list[float]], base: str) -> dict:
             for name, ts in times.items()}
 
 
+def generation(args, target, model_dir, feature) -> dict:
+    """Part 3: speedup over the target alone, the tap native and eager; acceptance per drafted token."""
+    from slm.tokenizer import Tokenizer
+
+    prompts = humaneval_prompts(Tokenizer.load(model_dir), args.prompts, model_dir)
+    plain, spec = ours_plain(target, args.new_tokens), ours_spec(target, feature, args.new_tokens, args.k)
+
+    def tapped(eager: bool):
+        def run(p):
+            hook = target.layers[0].register_forward_hook(lambda *a: None) if eager else None
+            try:
+                return spec(p)
+            finally:
+                if hook is not None:
+                    hook.remove()
+                feature.close()  # the target-only rounds pay nothing for the tap
+        return run
+
+    res = interleaved({"slm target": plain, "tap native": tapped(False), "tap eager (before)": tapped(True)}, prompts,
+                      args.repeats)
+    for name in ("tap native", "tap eager (before)"):
+        if res[name]["tokens"] != res["slm target"]["tokens"]:
+            raise SystemExit(f"{name}: output differs from the target's")
+    st = res["tap native"]["stats"]  # per prompt
+    out = {name: {"seconds": round(res[name]["seconds"], 2),
+                  "speedup": round(statistics.median(ratios(res, "slm target", name)), 3)} for name in res}
+    out["acceptance_rate"] = round(sum(s["draft_n_accepted"] for s in st) / max(sum(s["draft_n"] for s in st), 1), 3)
+    out |= distilled_row_extras(res, "tap native", len(prompts), args.new_tokens)
+    log(f"generate: {json.dumps(out)}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--distilled", help="a distilled draft directory (`slm distill`) for the target")
@@ -67,6 +103,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15, help="rounds")
     ap.add_argument("--calls", type=int, default=5, help="timed calls per part per round")
     ap.add_argument("--threads", type=int, default=1, help="torch and native threads (pinned)")
+    ap.add_argument("--prompts", type=int, default=0, help="part 3: HumanEval prompts to generate for (0: skip)")
+    ap.add_argument("--new-tokens", type=int, default=64, help="part 3: tokens per prompt")
     args = ap.parse_args()
 
     import torch
@@ -163,6 +201,8 @@ def main() -> None:
         log(f"draft cost: {json.dumps(result['draft cost'])}")
         if feature is not None:
             feature.close()
+    if feature is not None and args.prompts > 0:
+        result["generate"] = generation(args, target, model_dir, feature)
     result["loadavg"] = os.getloadavg()
     print(json.dumps(result, indent=1))
 
