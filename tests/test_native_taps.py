@@ -159,3 +159,14 @@ def test_a_tapped_layer_outside_the_model_is_a_one_line_error():
     with torch.inference_mode(), pytest.raises(SlmError, match="tapped layer outside 0..1"):
         nat(torch.tensor([[1]]), torch.tensor([0]))
     handle.remove()
+
+
+def test_consecutive_positions_are_written_in_place():
+    """The kernels write a decode or verify call's features straight into the buffer (nothing to copy
+    after); other positions, or a buffer in another dtype, go through a copy."""
+    _, _, _, tap = pair(inference_buffer=True)
+    shares = lambda t: t.untyped_storage().data_ptr() == tap.buffer.untyped_storage().data_ptr()  # noqa: E731
+    with torch.inference_mode():
+        assert shares(tap.native_out(1, torch.arange(5, 9))) and shares(tap.native_out(1, torch.tensor([[7]])))
+        assert not shares(tap.native_out(1, torch.tensor([5, 7])))
+        assert tap.native_out(2, torch.arange(3)) is None and tap.native_out(1, torch.tensor([96])) is None
