@@ -82,17 +82,35 @@ def _linear(m: nn.Module, keep: list, what: str) -> _Lin:
     raise Unsupported(f"{what} is a {type(m).__name__}")
 
 
+class NativeLinear(nn.Module):
+    """A linear layer (nn.Linear, Int8Linear, Int4Linear) run by the kernels' `slm_linear`: x (..., k) ->
+    (..., n) fp32. Inference only (no autograd): for layers outside the Transformers `NativeDecoder` runs,
+    such as a feature draft's head. Threads: a pinned count (`--threads N`), else one: a layer this small
+    gains little from a second thread, which on a busy core would hold the first at the region's end."""
+
+    def __init__(self, m: nn.Module, lib: ctypes.CDLL):
+        super().__init__()
+        self.inner, self.lib, self.keep = m, lib, []  # inner: its tensors stay alive, its state visible
+        self.lin = _linear(m, self.keep, type(m).__name__)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.lin.k:
+            raise SlmError(f"native linear: input of shape {tuple(x.shape)}, expected (..., {self.lin.k})")
+        rows = _f32(x.detach().float().reshape(-1, self.lin.k).contiguous(), "the input")  # (R, k)
+        y = torch.empty(rows.shape[0], self.lin.n, dtype=torch.float32)
+        threads, adaptive = native_threads()
+        if rows.shape[0] and self.lib.slm_linear(ctypes.byref(self.lin), rows.shape[0], rows.data_ptr(), y.data_ptr(),
+                                                 1 if adaptive else threads) != 0:
+            raise SlmError(f"native linear: {type(self.inner).__name__} of {self.lin.k} inputs: the kernels need a "
+                           "multiple of 32")
+        return y.view(*x.shape[:-1], self.lin.n)
+
+
 def run_linear(lib: ctypes.CDLL, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """One linear layer (nn.Linear, Int8Linear, Int4Linear) through the native kernels: x (R, k) -> (R, n)."""
-    keep: list = []
-    lin = _linear(m, keep, type(m).__name__)
-    x = _f32(x.detach().float().contiguous(), "the input")
-    if x.dim() != 2 or x.shape[1] != lin.k:
-        raise SlmError(f"native linear: input of shape {tuple(x.shape)}, expected (rows, {lin.k})")
-    y = torch.empty(x.shape[0], lin.n, dtype=torch.float32)
-    if lib.slm_linear(ctypes.byref(lin), x.shape[0], x.data_ptr(), y.data_ptr(), native_threads()[0]) != 0:
-        raise SlmError(f"native linear: {type(m).__name__} of {lin.k} inputs: the kernels need a multiple of 32")
-    return y
+    if x.dim() != 2:
+        raise SlmError(f"native linear: input of shape {tuple(x.shape)}, expected (rows, features)")
+    return NativeLinear(m, lib)(x)
 
 
 _EAGER = object()
