@@ -74,6 +74,7 @@ class FeatureTap:
         """Install the hooks (again, after `remove`)."""
         if self.handles:
             return
+
         def on_model(module, args, kwargs):
             self._pos = _positions(module, args, kwargs)
 
