@@ -13,6 +13,8 @@ the layer step, the trimmed-vocabulary output layer). Every figure is the median
 are medians of each round's own ratio (the parts of a round ran back to back, so load that changes
 between rounds cancels). The load average is printed: on a busy machine the absolute times mean
 little, the ratios somewhat more.
+Part 2b (with --distilled, when DIR keeps its samples and features): the held-out acceptance per draft
+position of the head in fp32 and as decoding runs it (`int8_head`), on distillation's own held-out split.
 Part 3 (--prompts P > 0, with --distilled): greedy generation of --new-tokens on the first P HumanEval
 prompts, target alone vs the distilled draft at K (tap native) vs the same with its tap sent to the
 eager forward (before), interleaved rounds (`speculative.interleaved`), outputs checked identical.
@@ -62,6 +64,30 @@ def summary(times: dict[str, list[float]], base: str) -> dict:
     return {name: {"ms": round(1e3 * statistics.median(ts), 3),
                    "vs_" + base.replace(" ", "_"): round(statistics.median(a / b for a, b in zip(ts, times[base])), 3)}
             for name, ts in times.items()}
+
+
+def held_out_acceptance(path: str, target, model_dir) -> dict:
+    """Part 2b: greedy acceptance of the 1st..4th drafted token on the distillation's held-out samples."""
+    import torch
+
+    from slm.distill.cache import FeatureCache
+    from slm.distill.objective import acceptance_by_depth
+    from slm.distill.run import DistillConfig, held_out_batches, pick, split
+    from slm.distill.samples import Samples
+    from slm.speculative.features import input_embedding, int8_head
+    from slm.speculative.head import load_head
+    from slm.tokenizer import Tokenizer
+
+    cfg = DistillConfig()
+    samples = Samples.load(Path(path) / "samples.safetensors")
+    cache = FeatureCache.load(Path(path) / "features.safetensors")
+    _, test = split(samples, cfg.held_out)
+    eos = Tokenizer.load(model_dir).eos_id
+    batches = held_out_batches(pick(samples, test), cache.select(test), cfg.train.seq_len, eos if eos is not None else 0)
+    head = load_head(path, input_embedding(target))
+    with torch.inference_mode():
+        return {name: [round(a, 4) for a in acceptance_by_depth(h, batches, 4)]
+                for name, h in (("fp32 head", head), ("int8 head (decoding)", int8_head(head)))}
 
 
 def generation(args, target, model_dir, feature) -> dict:
@@ -201,6 +227,9 @@ def main() -> None:
         log(f"draft cost: {json.dumps(result['draft cost'])}")
         if feature is not None:
             feature.close()
+    if feature is not None and (Path(args.distilled) / "features.safetensors").is_file():
+        result["held-out acceptance"] = held_out_acceptance(args.distilled, target, model_dir)
+        log(f"held-out acceptance: {json.dumps(result['held-out acceptance'])}")
     if feature is not None and args.prompts > 0:
         result["generate"] = generation(args, target, model_dir, feature)
     result["loadavg"] = os.getloadavg()

@@ -142,10 +142,10 @@ class FeatureTap:
 def int8_head(head: FeatureHead) -> FeatureHead:
     """A copy of `head` for decoding whose linear layers run int8 in the native kernels (weights int8 per
     output channel, activations int8 in blocks of 32). Why: a drafted token's head step is bound by reading
-    its weights; fp32 in PyTorch its six linears took 2.7 ms (SmolLM2's head, 1 thread), int8 in the kernels
-    0.46 ms, at the same held-out acceptance (0.418 / 0.387 / 0.349 / 0.327 fp32, 0.418 / 0.386 / 0.349 /
-    0.326 int8, the session-5 draft). The head itself (training, saving) is untouched. Without the kernels,
-    for a head not fp32 on the CPU, or for a layer they do not take: fp32 as it is."""
+    its weights (8.9M for SmolLM2's head): 3.3 ms per drafted token in fp32 PyTorch, 1.6 ms this way (1
+    thread), at the same held-out acceptance (0.418 / 0.387 / 0.349 / 0.327 fp32, 0.418 / 0.386 / 0.349 /
+    0.326 int8, the session-5 draft; `benchmarks/draft_cost.py`). The head itself (training, saving) is
+    untouched. Without the kernels, for a head not fp32 on the CPU, or for a layer they do not take: fp32."""
     w = head.norm.weight
     lib = library()
     if lib is None or w.dtype != torch.float32 or w.device.type != "cpu":
