@@ -23,8 +23,10 @@ from slm.eval.humaneval import read_problems
 from slm.generate import generate
 from slm.load import load_draft
 from slm.model import Transformer
+from slm.native import library
+from slm.native.engine import NativeLinear
 from slm.sampling import SamplingParams
-from slm.speculative.features import FeatureDraft, FeatureTap, target_features
+from slm.speculative.features import FeatureDraft, FeatureTap, int8_head, target_features
 from slm.speculative.head import FeatureHead, HeadConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -103,6 +105,35 @@ def test_missing_prompt_source_is_one_line_error(tmp_path):
 
 
 # --- the head ------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(library() is None, reason="the native kernels do not build here")
+def test_the_int8_head_is_a_decoding_copy_close_to_the_head():
+    """`int8_head` (what `--draft DIR` decodes with): the head's linears int8 in the native kernels, on a
+    copy; the head itself stays fp32, the target's embedding stays shared; outputs within int8 rounding
+    (~1%) of the fp32 head's; and the target's output stays exactly its own with it."""
+    target = _tiny()
+    head = _head(target, 20)
+    fast = int8_head(head)
+    assert isinstance(head.wqkv, torch.nn.Linear) and isinstance(fast.wqkv, NativeLinear)
+    assert isinstance(fast.output, NativeLinear) and isinstance(fast.fc, NativeLinear)
+    assert fast.embedding.data_ptr() == head.embedding.data_ptr()
+    g = torch.Generator().manual_seed(4)
+    taps = torch.randn(6, len(head.config.tap_layers) * 64, generator=g) * 3
+    tokens = torch.randint(0, 64, (6,), generator=g).tolist()
+    with torch.inference_mode():
+        outs = []
+        for h in (head, fast):
+            h.setup_cache(16)
+            y = h.step(tokens, 0, h.fuse_target(taps))  # (6, d)
+            outs.append((y, h.logits(y)))
+    for a, b in zip(*outs):
+        assert float((a - b).norm() / a.norm()) < 0.03
+    draft = FeatureDraft(fast, target)
+    for prompt in ([1, 5, 3, 7], [9] * 6):
+        ref = generate(target, prompt, 40, SamplingParams()).tokens
+        assert generate(target, prompt, 40, SamplingParams(), draft=draft, draft_tokens=3).tokens == ref
+    draft.close()
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from slm.gguf_import import cached_import
 from slm.model import Transformer
 from slm.quantize import draft_copy, quantized_copy
 from slm.speculative.drafts import Draft, HybridDraft, ModelDraft, NgramDraft, SelfDraft
-from slm.speculative.features import FeatureDraft, input_embedding
+from slm.speculative.features import FeatureDraft, input_embedding, int8_head
 from slm.speculative.head import is_head_dir, load_head
 from slm.speculative.lm import HFLM, as_lm
 from slm.tokenizer import Tokenizer
@@ -175,4 +175,4 @@ def load_distilled(path: str | os.PathLike, target) -> FeatureDraft:
     if not is_head_dir(path):
         raise SlmError(f"draft {path}: not a distilled draft directory (no draft_head.json)")
     head = load_head(path, input_embedding(target))
-    return FeatureDraft(head, target)
+    return FeatureDraft(int8_head(head), target)  # decoding only: training and saving keep the fp32 head

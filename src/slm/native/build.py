@@ -26,7 +26,7 @@ from slm.atomic import remove_tmp, replace_file, tmp_name
 from slm.paths import cache_dir
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
-ABI = 3  # slm_native_abi() of a library this Python side can drive
+ABI = 4  # slm_native_abi() of a library this Python side can drive
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 
 _loaded: dict[tuple, ctypes.CDLL | None] = {}
@@ -93,6 +93,7 @@ def load(path: Path) -> ctypes.CDLL:
     lib.slm_forward.restype = ctypes.c_int
     lib.slm_forward.argtypes = [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,  # arrays: ctypes arrays or addresses
     ]
     lib.slm_linear.restype = ctypes.c_int

@@ -8,8 +8,14 @@ prompt's prefill) run the model itself, whose large matmuls PyTorch does well. B
 cache, so they mix freely. The model file stays pure: this is an executor beside it, like
 `slm.pack`, and `tests/test_native.py` holds it to the model's logits.
 
-A model it cannot run (another dtype or device, forward hooks such as `FeatureTap`'s, shapes the
-kernels do not take) runs eagerly, packed (`slm.pack`), exactly as before.
+A feature draft's tap (`slm.speculative.features.FeatureTap`) reads the outputs of some decoder
+blocks through forward hooks. Its hooks carry a `native_tap` attribute (the tap), which tells the
+decoder it may run natively anyway: the kernels return the residual stream after the tapped layers
+and the tap stores it as its hooks would (`native_out`, `native_keep`). Any other forward hook, or
+more than one tap, needs the eager forward and gets it.
+
+A model it cannot run (another dtype or device, unknown forward hooks, shapes the kernels do not
+take) runs eagerly, packed (`slm.pack`), exactly as before.
 """
 
 from __future__ import annotations
@@ -76,23 +82,53 @@ def _linear(m: nn.Module, keep: list, what: str) -> _Lin:
     raise Unsupported(f"{what} is a {type(m).__name__}")
 
 
+class NativeLinear(nn.Module):
+    """A linear layer (nn.Linear, Int8Linear, Int4Linear) run by the kernels' `slm_linear`: x (..., k) ->
+    (..., n) fp32. Inference only (no autograd): for layers outside the Transformers `NativeDecoder` runs,
+    such as a feature draft's head. Threads: a pinned count (`--threads N`), else one: a layer this small
+    gains little from a second thread, which on a busy core would hold the first at the region's end."""
+
+    def __init__(self, m: nn.Module, lib: ctypes.CDLL):
+        super().__init__()
+        self.inner, self.lib, self.keep = m, lib, []  # inner: its tensors stay alive, its state visible
+        self.lin = _linear(m, self.keep, type(m).__name__)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.lin.k:
+            raise SlmError(f"native linear: input of shape {tuple(x.shape)}, expected (..., {self.lin.k})")
+        rows = _f32(x.detach().float().reshape(-1, self.lin.k).contiguous(), "the input")  # (R, k)
+        y = torch.empty(rows.shape[0], self.lin.n, dtype=torch.float32)
+        threads, adaptive = native_threads()
+        if rows.shape[0] and self.lib.slm_linear(ctypes.byref(self.lin), rows.shape[0], rows.data_ptr(), y.data_ptr(),
+                                                 1 if adaptive else threads) != 0:
+            raise SlmError(f"native linear: {type(self.inner).__name__} of {self.lin.k} inputs: the kernels need a "
+                           "multiple of 32")
+        return y.view(*x.shape[:-1], self.lin.n)
+
+
 def run_linear(lib: ctypes.CDLL, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """One linear layer (nn.Linear, Int8Linear, Int4Linear) through the native kernels: x (R, k) -> (R, n)."""
-    keep: list = []
-    lin = _linear(m, keep, type(m).__name__)
-    x = _f32(x.detach().float().contiguous(), "the input")
-    if x.dim() != 2 or x.shape[1] != lin.k:
-        raise SlmError(f"native linear: input of shape {tuple(x.shape)}, expected (rows, {lin.k})")
-    y = torch.empty(x.shape[0], lin.n, dtype=torch.float32)
-    if lib.slm_linear(ctypes.byref(lin), x.shape[0], x.data_ptr(), y.data_ptr(), native_threads()[0]) != 0:
-        raise SlmError(f"native linear: {type(m).__name__} of {lin.k} inputs: the kernels need a multiple of 32")
-    return y
+    if x.dim() != 2:
+        raise SlmError(f"native linear: input of shape {tuple(x.shape)}, expected (rows, features)")
+    return NativeLinear(m, lib)(x)
 
 
-def _hooked(model: Transformer) -> bool:
-    """Forward hooks (e.g. FeatureTap's) must see the eager forward."""
-    return any(m._forward_hooks or m._forward_pre_hooks for m in (model, *model.layers._modules.values())) or bool(
-        nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+_EAGER = object()
+
+
+def _tap(model: Transformer):
+    """The tap whose hooks are all the model's (None: no hooks), or _EAGER when some hook must see the
+    eager forward: one that is not a tap's (`native_tap`), a global one, or those of two taps."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return _EAGER
+    taps = set()
+    for m in (model, *model.layers._modules.values()):
+        for hooks in (m._forward_hooks, m._forward_pre_hooks):
+            for hook in hooks.values():
+                taps.add(getattr(hook, "native_tap", _EAGER))
+    if len(taps) > 1 or _EAGER in taps:
+        return _EAGER
+    return taps.pop() if taps else None
 
 
 class ThreadChooser:
@@ -207,9 +243,12 @@ class NativeDecoder:
         """As `Transformer.forward(tokens, input_pos, logits_to_keep=...)` with a cache: (B, T) -> (B, T', V)."""
         B, T = tokens.shape
         model = self.model
-        if B * T > MAX_ROWS or torch.is_grad_enabled() or _hooked(model):
+        tap = _EAGER if B * T > MAX_ROWS or torch.is_grad_enabled() else _tap(model)
+        if tap is _EAGER:
             return model(tokens, input_pos, logits_to_keep=logits_to_keep)
         self._bind_caches()
+        taps = tap.native_out(B, input_pos) if tap is not None else None  # (B*T, n_taps*dim) fp32, or None
+        tap_layers = tap.layers if taps is not None else ()
         n = B * T
         keep = min(logits_to_keep, T) if logits_to_keep else T
         pos = input_pos.tolist()
@@ -222,13 +261,17 @@ class NativeDecoder:
         t0 = time.perf_counter()
         rc = self.lib.slm_forward(
             ctypes.byref(self.desc), n, arr(*tokens.reshape(-1).tolist()), arr(*[b for b in range(B) for _ in range(T)]),
-            arr(*pos), len(rows), (ctypes.c_int64 * len(rows))(*rows), logits.data_ptr(), threads)
+            arr(*pos), len(rows), (ctypes.c_int64 * len(rows))(*rows), logits.data_ptr(),
+            len(tap_layers), (_c_int * len(tap_layers))(*tap_layers), None if taps is None else taps.data_ptr(), threads)
         if n == 1:
             self.threads.record(threads, time.perf_counter() - t0)
         if rc != 0:
             what = {-1: "a token id outside the vocabulary", -2: "a batch row beyond the KV cache",
-                    -3: f"a position beyond the KV cache length {self.desc.cache_len}"}.get(rc, f"bad arguments ({rc})")
+                    -3: f"a position beyond the KV cache length {self.desc.cache_len}",
+                    -5: f"a tapped layer outside 0..{self.desc.n_layers - 1}"}.get(rc, f"bad arguments ({rc})")
             raise SlmError(f"native forward: {what}")
+        if taps is not None:
+            tap.native_keep(taps, B, input_pos)
         return logits.view(B, keep, -1)
 
 

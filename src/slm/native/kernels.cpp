@@ -65,7 +65,7 @@ struct Model {
   int64_t cache_row_stride;  // elements between cache rows (n_kv * cache_len * head_dim when contiguous)
 };
 
-int slm_native_abi() { return 3; }
+int slm_native_abi() { return 4; }
 int slm_native_simd() { return SLM_AVX2; }
 
 }  // extern "C"
@@ -594,9 +594,12 @@ extern "C" {
 // row's keys/values are written into its cache row at its position; each query attends to positions
 // 0..pos[r] of its own cache row (so rows written by this call are seen by later positions of the
 // same sequence, as in Transformer.forward). Logits of rows logit_rows[0..n_logits) go to logits
-// (n_logits, vocab). Returns 0, or a negative code for arguments out of range (nothing is written).
+// (n_logits, vocab). The residual stream after layer tap_layers[t] (a block's output) of row r goes
+// to taps[r, t*dim : (t+1)*dim] (taps: (rows, n_taps*dim), the layout of a feature draft's buffer).
+// Returns 0, or a negative code for arguments out of range (nothing is written).
 int slm_forward(const Model* m, int rows, const int64_t* tokens, const int64_t* seq, const int64_t* pos,
-                int n_logits, const int64_t* logit_rows, float* logits, int nthreads) {
+                int n_logits, const int64_t* logit_rows, float* logits, int n_taps, const int32_t* tap_layers,
+                float* taps, int nthreads) {
   const int D = m->dim, H = m->n_heads, Hkv = m->n_kv, hd = m->head_dim, F = m->ffn;
   const int qkv_n = (H + 2 * Hkv) * hd, S = m->cache_len;
   for (int r = 0; r < rows; ++r) {
@@ -606,6 +609,8 @@ int slm_forward(const Model* m, int rows, const int64_t* tokens, const int64_t* 
   }
   for (int i = 0; i < n_logits; ++i)
     if (logit_rows[i] < 0 || logit_rows[i] >= rows) return -4;
+  for (int t = 0; t < n_taps; ++t)
+    if (tap_layers[t] < 0 || tap_layers[t] >= m->n_layers) return -5;
 
   std::vector<float> x((size_t)rows * D), qkv((size_t)rows * qkv_n), y((size_t)rows * D);
   std::vector<float> gu((size_t)rows * 2 * F), cs((size_t)rows * hd);  // cos | sin per row
@@ -694,6 +699,8 @@ int slm_forward(const Model* m, int rows, const int64_t* tokens, const int64_t* 
       for (int r = 0; r < rows; ++r) {
         float* xr = x.data() + (size_t)r * D;
         for (int i = 0; i < D; ++i) xr[i] += y[(size_t)r * D + i];
+        for (int t = 0; t < n_taps; ++t)
+          if (tap_layers[t] == l) std::memcpy(taps + ((size_t)r * n_taps + t) * D, xr, sizeof(float) * D);
       }
       bar.wait();
     }

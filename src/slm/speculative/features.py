@@ -13,12 +13,16 @@ round (true features), then drafts on its own output hidden states.
 
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
 
 from slm.errors import SlmError
 from slm.model import Transformer
+from slm.native import library
+from slm.native.engine import NativeLinear, Unsupported
+from slm.quantize import Int8Linear
 from slm.sampling import SamplingParams, logits_to_probs, sample
 from slm.speculative.drafts import Draft, Proposal, roll_out, timed_proposal
 from slm.speculative.head import FeatureHead
@@ -51,7 +55,11 @@ def _positions(model, args, kwargs) -> torch.Tensor | None:
 
 
 class FeatureTap:
-    """Copies the outputs of `layers` of `model` on every forward (hooks; the model is untouched)."""
+    """Copies the outputs of `layers` of `model` on every forward (hooks; the model is untouched).
+
+    Its hooks are marked (`native_tap`): `slm.native.decoder` then runs the model natively anyway,
+    has the kernels return the tapped layers' outputs, and hands them to `native_keep`, which stores
+    them exactly as the hooks do."""
 
     def __init__(self, model, layers: tuple[int, ...]):
         self.model, self.layers = model, tuple(layers)
@@ -66,23 +74,53 @@ class FeatureTap:
         """Install the hooks (again, after `remove`)."""
         if self.handles:
             return
-        self.handles = [self.model.register_forward_pre_hook(self._on_model, with_kwargs=True)]
-        self.handles += [self.blocks[i].register_forward_hook(self._hook(slot)) for slot, i in enumerate(self.layers)]
 
-    def _on_model(self, module, args, kwargs):
-        self._pos = _positions(module, args, kwargs)
+        def on_model(module, args, kwargs):
+            self._pos = _positions(module, args, kwargs)
+
+        hooks = [self._hook(slot) for slot in range(len(self.layers))]
+        for hook in (on_model, *hooks):
+            hook.native_tap = self  # the native decoder may stand in for these hooks (class docstring)
+        self.handles = [self.model.register_forward_pre_hook(on_model, with_kwargs=True)]
+        self.handles += [self.blocks[i].register_forward_hook(hook) for i, hook in zip(self.layers, hooks)]
 
     def _hook(self, slot: int):
         def hook(module, args, out):
-            out = out[0] if isinstance(out, tuple) else out  # (B, T, d)
-            if self.buffer is None:
-                self.captured[slot] = out
-                return
-            d, pos = out.shape[-1], self._pos
-            # Decoding always passes positions (a KV cache); a forward without is someone else's.
-            if pos is not None and out.shape[0] == 1 and int(pos[-1]) < self.buffer.shape[0]:
-                self.buffer[pos, slot * d : (slot + 1) * d] = out[0].to(self.buffer.dtype)
+            self._keep(slot, out[0] if isinstance(out, tuple) else out, self._pos)
         return hook
+
+    def _wanted(self, batch: int, pos: torch.Tensor | None) -> bool:
+        """Whether the buffer keeps anything of a forward of `batch` rows at positions `pos`: decoding
+        always passes positions (a KV cache) and one row; a forward without is someone else's."""
+        return pos is not None and batch == 1 and int(pos.reshape(-1)[-1]) < self.buffer.shape[0]
+
+    def _keep(self, slot: int, out: torch.Tensor, pos: torch.Tensor | None) -> None:
+        """Store layer `slot`'s output out (B, T, d) of a forward at positions pos."""
+        if self.buffer is None:
+            self.captured[slot] = out
+        elif self._wanted(out.shape[0], pos):
+            d = out.shape[-1]
+            self.buffer[pos, slot * d : (slot + 1) * d] = out[0].to(self.buffer.dtype)
+
+    def native_out(self, batch: int, pos: torch.Tensor) -> torch.Tensor | None:
+        """Where a native forward of `batch` rows at positions `pos` (T,) writes the tapped outputs,
+        (batch*T, n_taps*d) fp32: the buffer's own rows when they can be (nothing to copy after);
+        None when the hooks would keep nothing of this forward."""
+        T, width = pos.shape[-1], len(self.layers) * self.model.config.dim
+        if self.buffer is not None and not self._wanted(batch, pos):
+            return None
+        at = pos.reshape(-1).tolist()
+        if self.buffer is not None and self.buffer.dtype == torch.float32 and at == list(range(at[0], at[0] + T)):
+            return self.buffer[at[0] : at[0] + T]  # (T, n_taps*d): consecutive rows of the contiguous buffer
+        return torch.empty(batch * T, width)
+
+    def native_keep(self, out: torch.Tensor, batch: int, pos: torch.Tensor) -> None:
+        """After the native forward that filled `out` (from `native_out`): store it as the hooks would."""
+        if self.buffer is not None and out.untyped_storage().data_ptr() == self.buffer.untyped_storage().data_ptr():
+            return  # written in place (inference tensors keep no `_base` to ask)
+        feats = out.view(batch, pos.shape[-1], len(self.layers), -1)  # (B, T, n_taps, d)
+        for slot in range(len(self.layers)):
+            self._keep(slot, feats[:, :, slot], pos)
 
     def start(self, length: int, dim: int, dtype, device) -> None:
         """Decoding: collect by position, up to `length` positions."""
@@ -101,6 +139,29 @@ class FeatureTap:
         self.handles = []
 
 
+def int8_head(head: FeatureHead) -> FeatureHead:
+    """A copy of `head` for decoding whose linear layers run int8 in the native kernels (weights int8 per
+    output channel, activations int8 in blocks of 32). Why: a drafted token's head step is bound by reading
+    its weights (8.9M for SmolLM2's head): 3.3 ms per drafted token in fp32 PyTorch, 1.6 ms this way (1
+    thread), at the same held-out acceptance (0.418 / 0.387 / 0.349 / 0.327 fp32, 0.418 / 0.386 / 0.349 /
+    0.326 int8, the session-5 draft; `benchmarks/draft_cost.py`). The head itself (training, saving) is
+    untouched. Without the kernels, for a head not fp32 on the CPU, or for a layer they do not take: fp32."""
+    w = head.norm.weight
+    lib = library()
+    if lib is None or w.dtype != torch.float32 or w.device.type != "cpu":
+        return head
+    out = copy.deepcopy(head, memo={id(head.embedding): head.embedding})  # the target's embedding stays shared
+    for parent, name in ((out, "fc"), (out, "fuse"), (out, "wqkv"), (out, "wo"), (out.feed_forward, "w13"),
+                         (out.feed_forward, "w2"), (out, "output")):
+        m = getattr(parent, name)
+        if m is not None:
+            try:
+                setattr(parent, name, NativeLinear(Int8Linear.from_float(m.weight), lib))
+            except Unsupported:
+                pass
+    return out
+
+
 class FeatureDraft(Draft):
     """A distilled head reading the target's features (or, with no taps, a one-layer standalone
     model on the target's embeddings), drafting over its trimmed vocabulary mapped to target ids."""
@@ -117,7 +178,7 @@ class FeatureDraft(Draft):
         if self.tap is not None:
             self.tap.attach()  # after a `close`, the draft works again
             w = input_embedding(self.target_model)
-            self.tap.start(length, self.head.config.dim, self.head.wqkv.weight.dtype, w.device)
+            self.tap.start(length, self.head.config.dim, self.head.norm.weight.dtype, w.device)
         self.fed = 0
 
     def check_target(self, target) -> None:

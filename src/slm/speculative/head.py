@@ -129,7 +129,7 @@ class FeatureHead(nn.Module):
 
     def _input(self, tokens: torch.Tensor, feature: torch.Tensor | None) -> torch.Tensor:
         """tokens (B, T) next-token ids; feature (B, T, d) or None -> layer input (B, T, d)."""
-        e = self.emb_norm(F.embedding(tokens, self.embedding).to(self.fuse.weight.dtype))
+        e = self.emb_norm(F.embedding(tokens, self.embedding).to(self.emb_norm.weight.dtype))
         return self.fuse(torch.cat([e, self.feat_norm(feature)], -1) if self.fc is not None else e)
 
     def _qkv(self, x: torch.Tensor, positions: torch.Tensor):
@@ -211,7 +211,7 @@ class FeatureHead(nn.Module):
 
     def setup_cache(self, length: int) -> None:
         if self.k_cache is None or self.k_cache.shape[1] < length:
-            w = self.wqkv.weight
+            w = self.attention_norm.weight  # (not a linear's: those may be `slm.native.NativeLinear`s)
             shape = (1, self.n_kv_heads, length, self.head_dim)
             self.k_cache = torch.zeros(shape, dtype=w.dtype, device=w.device)
             self.v_cache = torch.zeros(shape, dtype=w.dtype, device=w.device)
