@@ -137,19 +137,33 @@ def _qdq_rows(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("make", [Int8Linear.from_float, Int4Linear.from_float, lambda w: torch.nn.Linear(1, 1)])
 @pytest.mark.parametrize("rows", [1, 3, 6])
 def test_each_kernel_computes_its_documented_math(make, rows):
+    # 46 features: the last group of 4 is padded; fp32 takes 157 inputs (a tail after the 8-blocks),
+    # int4 160 (5 blocks: a pair-less last one).
     g = torch.Generator().manual_seed(4)
-    w = torch.randn(48, 160, generator=g) * 0.05
+    w = torch.randn(46, 160, generator=g) * 0.05
     x = torch.randn(rows, 160, generator=g) * 2
     x[:, 7] = 40.0  # an outlier channel, as SmolLM2's SwiGLU output has
     layer = make(w)
     if isinstance(layer, torch.nn.Linear):
-        layer = torch.nn.Linear(160, 48, bias=False)
+        w, x = w[:, :157], x[:, :157].contiguous()
+        layer = torch.nn.Linear(157, 46, bias=False)
         layer.weight.data.copy_(w)
         expected = x.double() @ w.double().T
     else:
         expected = _qdq_rows(x).double() @ layer.dequantized_weight().double().T
     got = engine.run_linear(library(), layer, x)
     torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=1e-5)
+
+
+def test_interleaved_weights_hold_every_element_once():
+    w = torch.arange(6 * 21).reshape(6, 21)
+    got = engine._interleave(w, 8)  # 2 groups (the second padded); blocks of 8, then tails of 5
+    assert got.shape == (2, 4 * 21)
+    first = got[0]
+    assert first[:8].tolist() == w[0, :8].tolist() and first[8:16].tolist() == w[1, :8].tolist()
+    assert first[32:40].tolist() == w[0, 8:16].tolist()
+    assert first[64:69].tolist() == w[0, 16:].tolist() and first[79:84].tolist() == w[3, 16:].tolist()
+    assert sorted(got[1].tolist()) == sorted(w[4:].reshape(-1).tolist() + [0] * 42)
 
 
 def test_int4_layout_round_trips_and_the_torch_fallback_agrees():
@@ -170,8 +184,10 @@ def test_the_portable_build_gives_the_same_results():
     portable = build.load(build.build(flags))
     assert portable.slm_native_simd() == 0 and library().slm_native_simd() == 1
     g = torch.Generator().manual_seed(7)
-    w, x = torch.randn(40, 96, generator=g), torch.randn(5, 96, generator=g)
-    for layer in (Int8Linear.from_float(w), Int4Linear.from_float(w)):
+    w, x = torch.randn(42, 96, generator=g), torch.randn(5, 96, generator=g)
+    dense = torch.nn.Linear(96, 42, bias=False)
+    dense.weight.data.copy_(w)
+    for layer in (Int8Linear.from_float(w), Int4Linear.from_float(w), dense):
         torch.testing.assert_close(engine.run_linear(portable, layer, x), engine.run_linear(library(), layer, x),
                                    atol=1e-4, rtol=1e-5)
     model = tiny()

@@ -91,7 +91,7 @@ class Int4Linear(nn.Module):
     checks every token), not for the lm_head (see `draft_copy`).
 
     codes (out, in/2) uint8: byte j of a group holds element j (low nibble) and element j + 16 (high
-    nibble); scale_min (out, 2, in/32) fp16: a row's scales, then its mins. slm's native kernels (`slm.native`) read this layout directly; without them the layer
+    nibble); scale_min (out, 2, in/32) fp16: a row's scales, then its mins. slm's native kernels (`slm.native`) read this layout (rows interleaved in groups); without them the layer
     runs PyTorch's `_weight_int4pack_mm_for_cpu` (bf16 activations) on a copy it makes once in that
     kernel's own layout (W = (q - 8) * scale + zero with bf16 scale and zero: rounds slightly differently)."""
 

@@ -26,7 +26,7 @@ from slm.atomic import remove_tmp, replace_file, tmp_name
 from slm.paths import cache_dir
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
-ABI = 4  # slm_native_abi() of a library this Python side can drive
+ABI = 5  # slm_native_abi() of a library this Python side can drive
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 
 _loaded: dict[tuple, ctypes.CDLL | None] = {}

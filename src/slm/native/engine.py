@@ -2,11 +2,11 @@
 
 `NativeDecoder` is a drop-in for `model(tokens, input_pos, logits_to_keep=...)` on the KV-cache
 path: small calls (decode steps, speculative verification, batched server steps: up to MAX_ROWS
-query rows) run in slm's native kernels (kernels.cpp) over the model's own tensors and its own KV
-cache, without copies (fp32) or over the int8/int4 layers of `slm.quantize`; longer calls (a
-prompt's prefill) run the model itself, whose large matmuls PyTorch does well. Both write the same
-cache, so they mix freely. The model file stays pure: this is an executor beside it, like
-`slm.pack`, and `tests/test_native.py` holds it to the model's logits.
+query rows) run in slm's native kernels (kernels.cpp) over the model's own KV cache and over copies
+of its weights (fp32, or the int8/int4 layers of `slm.quantize`) laid out in the order the kernels
+stream them; longer calls (a prompt's prefill) run the model itself, whose large matmuls PyTorch
+does well. Both write the same cache, so they mix freely. The model file stays pure: this is an
+executor beside it, like `slm.pack`, and `tests/test_native.py` holds it to the model's logits.
 
 A feature draft's tap (`slm.speculative.features.FeatureTap`) reads the outputs of some decoder
 blocks through forward hooks. Its hooks carry a `native_tap` attribute (the tap), which tells the
@@ -66,19 +66,44 @@ def _f32(t: torch.Tensor, what: str) -> torch.Tensor:
     return t
 
 
+GROUP = 4  # output features interleaved in the kernels' weights (kernels.cpp, `Lin`)
+
+
+def _interleave(w: torch.Tensor, block: int) -> torch.Tensor:
+    """w (n, m) -> the kernels' layout of it: the rows in groups of GROUP (the last padded with zero
+    rows), each group as block 0 of its rows in turn, then block 1 of each, ..., then the rows' tails
+    (m % block elements each). A tile of GROUP output features then streams one run of memory, which
+    this CPU's prefetchers follow better than GROUP rows read side by side (kernels.cpp, `Lin`)."""
+    n, m = w.shape
+    padded = -(-n // GROUP) * GROUP
+    w = torch.cat([w, w.new_zeros(padded - n, m)]) if padded != n else w
+    groups, full = padded // GROUP, m // block * block
+    g = w.view(groups, GROUP, m)
+    blocks = g[:, :, :full].reshape(groups, GROUP, m // block, block).transpose(1, 2)  # (G, m/block, GROUP, block)
+    return torch.cat([blocks.reshape(groups, -1), g[:, :, full:].reshape(groups, -1)], dim=1).contiguous()
+
+
+def _pad_rows(t: torch.Tensor) -> torch.Tensor:
+    """A per-feature tensor (n, ...) with zero rows for the padding features of the last group."""
+    padded = -(-t.shape[0] // GROUP) * GROUP
+    return torch.cat([t, t.new_zeros(padded - t.shape[0], *t.shape[1:])]).contiguous()
+
+
 def _linear(m: nn.Module, keep: list, what: str) -> _Lin:
-    """The kernels' description of one linear layer; tensors it points into are appended to `keep`."""
+    """The kernels' description of one linear layer, over interleaved copies of its weights (fp32: a
+    second copy of the model's weights, which PyTorch's path still reads); they are appended to `keep`."""
     if isinstance(m, nn.Linear) and m.bias is None:
-        w = _f32(m.weight.detach(), what)
+        w = _interleave(_f32(m.weight.detach(), what), 8)
         keep.append(w)
-        return _Lin(0, w.shape[0], w.shape[1], 0, w.data_ptr(), None, None)
+        return _Lin(0, m.out_features, m.in_features, 0, w.data_ptr(), None, None)
     if isinstance(m, Int8Linear) and m.in_features % 32 == 0:
-        scales = m.scales.float().contiguous()  # (out,) bf16 -> fp32, a small copy kept alive here
-        keep += [m.qweight, scales]
-        return _Lin(1, m.out_features, m.in_features, 0, m.qweight.data_ptr(), scales.data_ptr(), None)
+        w, scales = _interleave(m.qweight, 32), _pad_rows(m.scales.float())  # (out,) bf16 -> fp32
+        keep += [w, scales]
+        return _Lin(1, m.out_features, m.in_features, 0, w.data_ptr(), scales.data_ptr(), None)
     if isinstance(m, Int4Linear):
-        keep += [m.codes, m.scale_min]
-        return _Lin(2, m.out_features, m.in_features, 0, m.codes.data_ptr(), None, m.scale_min.data_ptr())
+        codes, scale_min = _interleave(m.codes, 32), _pad_rows(m.scale_min)  # 32 bytes: a pair of 32-blocks
+        keep += [codes, scale_min]
+        return _Lin(2, m.out_features, m.in_features, 0, codes.data_ptr(), None, scale_min.data_ptr())
     raise Unsupported(f"{what} is a {type(m).__name__}")
 
 
