@@ -67,17 +67,41 @@ def test_fp32_prefill_and_steps_match_the_model(tie, n_kv):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_a_long_prefill_goes_to_the_model_and_shares_the_cache():
-    """More than MAX_ROWS rows run eagerly; the native steps after it read what the model wrote."""
-    model = tiny(max_seq_len=128)
-    ref, nat = eager_and_native(model, 128)
-    n = engine.MAX_ROWS + 8
+def test_a_long_prefill_goes_to_the_model_and_shares_the_cache(monkeypatch):
+    """More than PREFILL_ROWS rows run eagerly; the native steps after it read what the model wrote."""
+    model = tiny(max_seq_len=256)
+    ref, nat = eager_and_native(model, 256)
+    n = engine.PREFILL_ROWS + 8
+    calls = []
+    forward = Transformer.forward
+    monkeypatch.setattr(Transformer, "forward", lambda self, *a, **k: calls.append(self) or forward(self, *a, **k))
     prompt = torch.randint(0, 96, (1, n), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         nat(prompt, torch.arange(n), logits_to_keep=1)
         ref(prompt, torch.arange(n), logits_to_keep=1)
         tok = torch.tensor([[3]])
         torch.testing.assert_close(nat(tok, torch.tensor([n])), ref(tok, torch.tensor([n])), atol=1e-5, rtol=1e-5)
+    assert calls.count(model) == 1  # the prefill, not the step
+
+
+@pytest.mark.parametrize("keep", [1, 0, 20], ids=["last", "all", "across-chunks"])
+def test_a_short_prefill_runs_natively_in_chunks(keep, monkeypatch):
+    """Between MAX_ROWS and PREFILL_ROWS rows: consecutive native calls (no eager forward), the logits
+    asked for gathered across them, the cache as the model writes it."""
+    model = tiny(max_seq_len=128)
+    ref, nat = eager_and_native(model, 128)
+    n = engine.MAX_ROWS + 9  # two calls of 21 and 20 rows
+    calls = []
+    forward = Transformer.forward
+    monkeypatch.setattr(Transformer, "forward", lambda self, *a, **k: calls.append(self) or forward(self, *a, **k))
+    prompt = torch.randint(0, 96, (1, n), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        got, want = nat(prompt, torch.arange(n), logits_to_keep=keep), ref(prompt, torch.arange(n), logits_to_keep=keep)
+        assert got.shape == want.shape == (1, keep or n, 96)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        tok = torch.tensor([[5]])
+        torch.testing.assert_close(nat(tok, torch.tensor([n])), ref(tok, torch.tensor([n])), atol=1e-5, rtol=1e-5)
+    assert model not in calls
 
 
 @pytest.mark.parametrize("quant", [None, quantize_int8, quantize_int4])

@@ -52,9 +52,10 @@ def close(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("inference_buffer", [True, False], ids=["inference-buffer", "plain-buffer"])
-@pytest.mark.parametrize("prefill", [9, engine.MAX_ROWS + 7], ids=["native-prefill", "eager-prefill"])
+@pytest.mark.parametrize("prefill", [9, engine.MAX_ROWS + 7, engine.PREFILL_ROWS + 7],
+                         ids=["native-prefill", "chunked-prefill", "eager-prefill"])
 def test_the_native_forward_fills_the_taps_buffer_as_the_hooks_do(prefill, inference_buffer, eager_calls):
-    ref, ref_tap, nat, tap = pair(inference_buffer=inference_buffer)
+    ref, ref_tap, nat, tap = pair(length=prefill + 24, inference_buffer=inference_buffer)
     assert isinstance(nat, NativeDecoder) and engine._tap(nat.model) is tap
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, 96, (1, prefill), generator=g)
@@ -66,7 +67,7 @@ def test_the_native_forward_fills_the_taps_buffer_as_the_hooks_do(prefill, infer
             close(nat(toks, torch.arange(pos, pos + t)), ref(toks, torch.arange(pos, pos + t)))
             pos += t - 1  # the last row "rejected": the next call writes over its position, as after a verify
         assert pos > prefill + 10
-    calls_eager = 1 + 7 + (prefill > engine.MAX_ROWS)  # the reference's calls, and the long prefill
+    calls_eager = 1 + 7 + (prefill > engine.PREFILL_ROWS)  # the reference's calls, and the long prefill
     assert len(eager_calls) == calls_eager
     assert tap.buffer[:pos + 1].abs().sum(1).min() > 0, "every position up to the last is written"
     close(tap.buffer, ref_tap.buffer)

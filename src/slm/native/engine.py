@@ -4,9 +4,10 @@
 path: small calls (decode steps, speculative verification, batched server steps: up to MAX_ROWS
 query rows) run in slm's native kernels (kernels.cpp) over the model's own KV cache and over copies
 of its weights (fp32, or the int8/int4 layers of `slm.quantize`) laid out in the order the kernels
-stream them; longer calls (a prompt's prefill) run the model itself, whose large matmuls PyTorch
-does well. Both write the same cache, so they mix freely. The model file stays pure: this is an
-executor beside it, like `slm.pack`, and `tests/test_native.py` holds it to the model's logits.
+stream them; a short prompt's prefill (up to PREFILL_ROWS rows) runs there too, in calls of MAX_ROWS;
+a longer one runs the model itself, whose large matmuls PyTorch does better. Both write the same
+cache, so they mix freely. The model file stays pure: this is an executor beside it, like
+`slm.pack`, and `tests/test_native.py` holds it to the model's logits.
 
 A feature draft's tap (`slm.speculative.features.FeatureTap`) reads the outputs of some decoder
 blocks through forward hooks. Its hooks carry a `native_tap` attribute (the tap), which tells the
@@ -35,7 +36,11 @@ from slm.pack import pack
 from slm.quantize import Int4Linear, Int8Linear
 from slm.threads import native_threads
 
-MAX_ROWS = 32  # more query rows than this (a prefill) go to PyTorch's GEMMs
+MAX_ROWS = 32  # query rows in one native call
+# A prefill of up to this many rows runs natively, in calls of at most MAX_ROWS rows; a longer one runs
+# the model itself. Measured (SmolLM2, 2 threads, benchmarks/README.md): native 1.40x / 1.21x PyTorch's
+# GEMMs at 45 / 64 rows, 0.81x at 128 (MKL's larger tiles win as rows grow).
+PREFILL_ROWS = 96
 _c_int, _c_void = ctypes.c_int32, ctypes.c_void_p
 
 
@@ -268,14 +273,30 @@ class NativeDecoder:
         """As `Transformer.forward(tokens, input_pos, logits_to_keep=...)` with a cache: (B, T) -> (B, T', V)."""
         B, T = tokens.shape
         model = self.model
-        tap = _EAGER if B * T > MAX_ROWS or torch.is_grad_enabled() else _tap(model)
+        keep = min(logits_to_keep, T) if logits_to_keep else T
+        tap = _EAGER if B * T > PREFILL_ROWS or B > MAX_ROWS or torch.is_grad_enabled() else _tap(model)
         if tap is _EAGER:
             return model(tokens, input_pos, logits_to_keep=logits_to_keep)
+        if B * T <= MAX_ROWS:
+            return self._forward(tokens, input_pos, keep, tap)
+        # A prompt's prefill: consecutive calls of at most MAX_ROWS rows, as equal as can be, each
+        # keeping the logits of those of the last `keep` positions it holds.
+        chunks = -(-B * T // MAX_ROWS)
+        size = -(-T // chunks)
+        out = []
+        for a in range(0, T, size):
+            b = min(a + size, T)
+            out.append(self._forward(tokens[:, a:b], input_pos[..., a:b], max(0, b - max(a, T - keep)), tap))
+        return torch.cat(out, dim=1)
+
+    def _forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, keep: int, tap) -> torch.Tensor:
+        """One native call (B*T <= MAX_ROWS rows) -> the logits of each row's last `keep` positions
+        (B, keep, V); keep may be 0."""
+        B, T = tokens.shape
         self._bind_caches()
         taps = tap.native_out(B, input_pos) if tap is not None else None  # (B*T, n_taps*dim) fp32, or None
         tap_layers = tap.layers if taps is not None else ()
         n = B * T
-        keep = min(logits_to_keep, T) if logits_to_keep else T
         pos = input_pos.tolist()
         pos = pos * B if input_pos.dim() == 1 else [p for row in pos for p in row]  # row r = (b, t)
         rows = [b * T + t for b in range(B) for t in range(T - keep, T)]
@@ -297,7 +318,7 @@ class NativeDecoder:
             raise SlmError(f"native forward: {what}")
         if taps is not None:
             tap.native_keep(taps, B, input_pos)
-        return logits.view(B, keep, -1)
+        return logits.view(B, keep, self.desc.vocab)
 
 
 def _stamp(model: Transformer) -> tuple:
