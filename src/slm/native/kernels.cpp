@@ -272,7 +272,7 @@ void quantize_row(const float* x, int k, QRow out, bool paired) {
 // shape, so an output element does not depend on how many rows the call has (batch invariance).
 
 template <int JB, int RB>
-void tile_f32(const float* g, int a0, int k, const float* const* x, float* const* y, int j, int n) {
+void tile_f32(const float* g, int a0, int k, const float* const* x, float* const* y, int j, int n, bool ahead) {
   const int nc = k / 8, tail = k - nc * 8;
   float v[JB][RB];
 #if SLM_AVX2
@@ -282,6 +282,10 @@ void tile_f32(const float* g, int a0, int k, const float* const* x, float* const
   // Registers: JB * RB accumulators + RB activations + 1 weight vector (4 x 3 fills all 16).
   for (int c = 0; c < nc; ++c) {
     const float* p = g + (size_t)c * GROUP * 8 + a0 * 8;
+    if (RB > 1 && ahead) {  // the next group's lines at this offset (see linear_tiles)
+      _mm_prefetch((const char*)(p + (size_t)GROUP * k), _MM_HINT_T0);
+      _mm_prefetch((const char*)(p + (size_t)GROUP * k) + 64, _MM_HINT_T0);
+    }
     __m256 vx[RB];
     for (int r = 0; r < RB; ++r) vx[r] = _mm256_loadu_ps(x[r] + c * 8);
     for (int a = 0; a < JB; ++a) {
@@ -308,7 +312,8 @@ void tile_f32(const float* g, int a0, int k, const float* const* x, float* const
 }
 
 template <int JB, int RB>
-void tile_q8(const int8_t* g, int a0, const float* wscale, int k, const QRow* x, float* const* y, int j, int n) {
+void tile_q8(const int8_t* g, int a0, const float* wscale, int k, const QRow* x, float* const* y, int j, int n,
+             bool ahead) {
   const int nb = k / QB;
 #if SLM_AVX2
   const __m256i ones = _mm256_set1_epi16(1);
@@ -320,6 +325,9 @@ void tile_q8(const int8_t* g, int a0, const float* wscale, int k, const QRow* x,
     if (RB == 1) {
       _mm_prefetch((const char*)p + PREFETCH, _MM_HINT_T0);
       _mm_prefetch((const char*)p + PREFETCH + 64, _MM_HINT_T0);
+    } else if (ahead) {
+      _mm_prefetch((const char*)(p + (size_t)GROUP * k), _MM_HINT_T0);
+      _mm_prefetch((const char*)(p + (size_t)GROUP * k) + 64, _MM_HINT_T0);
     }
     __m256i vw[JB], aw[JB];
     for (int a = 0; a < JB; ++a) {
@@ -458,26 +466,26 @@ void tile_q4(const uint8_t* g, int a0, const uint16_t* sm, int k, const QRow* x,
 
 // One tile of lin at features j.. (JB of them, within one group) and rows x[0..RB) -> y[r][j..].
 template <int JB, int RB>
-void tile(const Lin& lin, int j, const float* const* xf, const QRow* xq, float* const* y) {
+void tile(const Lin& lin, int j, const float* const* xf, const QRow* xq, float* const* y, bool ahead) {
   const size_t k = (size_t)lin.k, group = (size_t)(j / GROUP) * GROUP;
   const int a0 = j % GROUP;
   if (lin.kind == 0) {
-    tile_f32<JB, RB>((const float*)lin.w + group * k, a0, lin.k, xf, y, j, lin.n);
+    tile_f32<JB, RB>((const float*)lin.w + group * k, a0, lin.k, xf, y, j, lin.n, ahead);
   } else if (lin.kind == 1) {
-    tile_q8<JB, RB>((const int8_t*)lin.w + group * k, a0, lin.s + j, lin.k, xq, y, j, lin.n);
+    tile_q8<JB, RB>((const int8_t*)lin.w + group * k, a0, lin.s + j, lin.k, xq, y, j, lin.n, ahead);
   } else {
     tile_q4<JB, RB>((const uint8_t*)lin.w + group * (k / 2), a0, lin.sm + j * (k / QB) * 2, lin.k, xq, y, j, lin.n);
   }
 }
 
 template <int JB, int TR>
-void tile_rows(const Lin& lin, int j, int rb, const float* const* xf, const QRow* xq, float* const* y) {
+void tile_rows(const Lin& lin, int j, int rb, const float* const* xf, const QRow* xq, float* const* y, bool ahead) {
   static_assert(TR >= 1 && TR <= 4, "tiles of 1 to 4 rows");
   switch (rb) {
-    case 1: tile<JB, 1>(lin, j, xf, xq, y); break;
-    case 2: if constexpr (TR >= 2) tile<JB, 2>(lin, j, xf, xq, y); break;
-    case 3: if constexpr (TR >= 3) tile<JB, 3>(lin, j, xf, xq, y); break;
-    default: if constexpr (TR >= 4) tile<JB, 4>(lin, j, xf, xq, y); break;
+    case 1: tile<JB, 1>(lin, j, xf, xq, y, ahead); break;
+    case 2: if constexpr (TR >= 2) tile<JB, 2>(lin, j, xf, xq, y, ahead); break;
+    case 3: if constexpr (TR >= 3) tile<JB, 3>(lin, j, xf, xq, y, ahead); break;
+    default: if constexpr (TR >= 4) tile<JB, 4>(lin, j, xf, xq, y, ahead); break;
   }
 }
 
@@ -515,14 +523,15 @@ template <int TJ, int TR>
 void linear_tiles(const Lin& lin, Acts& x, int rows, float* y, Barrier& bar) {
   static_assert(GROUP % TJ == 0, "a tile's features lie in one group");
   const int n = lin.n;
+  // Rows per tile, of `left` rows still to do: groups of TR, but never a lone row after a group: a
+  // 1-row tile has only TJ accumulator chains and waits on the FMA latency (5 rows go as 3 + 2).
+  auto take = [](int left) { return left == TR + 1 && TR > 2 ? 2 : (left < TR ? left : TR); };
+  const int first = take(rows);
 #pragma omp for schedule(static) nowait
   for (int jt = 0; jt < (n + TJ - 1) / TJ; ++jt) {
     const int j = jt * TJ;
     for (int r0 = 0, rb; r0 < rows; r0 += rb) {
-      // Groups of TR rows, but never a lone row after a group: a 1-row tile has only TJ
-      // accumulator chains and waits on the FMA latency (5 rows go as 3 + 2, not 4 + 1).
-      const int left = rows - r0;
-      rb = left == TR + 1 && TR > 2 ? 2 : (left < TR ? left : TR);
+      rb = take(rows - r0);
       const float* xf[TR];
       QRow xq[TR];
       float* yr[TR];
@@ -531,7 +540,11 @@ void linear_tiles(const Lin& lin, Acts& x, int rows, float* y, Barrier& bar) {
         xq[r] = x.qrow(r0 + r);
         yr[r] = y + (size_t)(r0 + r) * n;
       }
-      tile_rows<TJ, TR>(lin, j, rb, xf, xq, yr);  // (features past n: padding, not stored)
+      // With more rows than one tile takes, the group is read again from cache for the next rows: a
+      // compute-bound pass during which no weight streams in. Every pass then prefetches the next
+      // group (fp32; measured 1.1-1.15x on 4-16 rows; one pass alone is better without).
+      const bool ahead = rows > first && j + TJ < n;
+      tile_rows<TJ, TR>(lin, j, rb, xf, xq, yr, ahead);  // (features past n: padding, not stored)
     }
   }
   bar.wait();
