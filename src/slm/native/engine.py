@@ -80,12 +80,16 @@ def _interleave(w: torch.Tensor, block: int) -> torch.Tensor:
     (m % block elements each). A tile of GROUP output features then streams one run of memory, which
     this CPU's prefetchers follow better than GROUP rows read side by side (kernels.cpp, `Lin`)."""
     n, m = w.shape
-    padded = -(-n // GROUP) * GROUP
-    w = torch.cat([w, w.new_zeros(padded - n, m)]) if padded != n else w
-    groups, full = padded // GROUP, m // block * block
-    g = w.view(groups, GROUP, m)
-    blocks = g[:, :, :full].reshape(groups, GROUP, m // block, block).transpose(1, 2)  # (G, m/block, GROUP, block)
-    return torch.cat([blocks.reshape(groups, -1), g[:, :, full:].reshape(groups, -1)], dim=1).contiguous()
+    groups, whole, full = -(-n // GROUP), n // GROUP, m // block * block
+    out = w.new_zeros(groups, GROUP * m)  # written in place below: each element is copied once
+    blocks = out[:, : GROUP * full].view(groups, full // block, GROUP, block)  # (G, m/block, GROUP, block)
+    tails = out[:, GROUP * full :].view(groups, GROUP, m - full)  # (G, GROUP, m % block)
+    for g0, g1, r in ((0, whole, GROUP), (whole, groups, n - whole * GROUP)):  # whole groups, then a last partial one
+        if g1 > g0:
+            src = w[g0 * GROUP : n if g1 == groups else g1 * GROUP].view(g1 - g0, r, m)  # (G', r, m)
+            blocks[g0:g1, :, :r] = src[:, :, :full].unflatten(2, (full // block, block)).transpose(1, 2)
+            tails[g0:g1, :r] = src[:, :, full:]
+    return out
 
 
 def _pad_rows(t: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from slm.errors import SlmError
+from slm.native import decoder
 from slm.sampling import SamplingParams, logits_to_probs, sample
 from slm.speculative.lm import CachedLM, SlmLM, as_lm
 from slm.speculative.schedule import AdaptiveK, Offer, Plan
@@ -180,6 +181,9 @@ class SelfDraft(ModelDraft):
             mine.attention.kv_cache = theirs.attention.kv_cache
         draft.cache_len = target.cache_len
         self.fed, self.base = [], 0
+        # Made now, not in the first proposal: building it copies the weights into the kernels' layout,
+        # which timed as a draft step would make the schedule judge the draft too slow to use.
+        self.lm.run = decoder(draft)
 
     def check_target(self, target) -> None:
         if getattr(target, "model", None) is not self.target_model:

@@ -50,7 +50,7 @@ class SlmLM:
         self.max_seq_len = model.config.max_seq_len
         self.eos_id = model.config.eos_id
         self.device = model.tok_embeddings.weight.device
-        self.run = None  # decoder(model), made by prepare() or the first forward (a SelfDraft never prepares)
+        self.run = None  # decoder(model), made by prepare() (SelfDraft: its reset) or the first forward
 
     def prepare(self, length: int) -> None:
         ensure_cache(self.model, min(length, self.max_seq_len))
