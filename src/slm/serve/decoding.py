@@ -26,7 +26,7 @@ from slm.generate import Stop, generate
 from slm.model import KVCache, Transformer
 from slm.native import decoder
 from slm.sampling import SamplingParams, next_token
-from slm.speculative import Draft, NgramDraft, Plan, verify_greedy
+from slm.speculative import AdaptiveK, Draft, NgramDraft, Plan, verify_greedy
 
 GREEDY = SamplingParams()
 # Draft tokens per row in a batched step (prompt lookup after a match of 2+ tokens, greedy rows),
@@ -122,6 +122,22 @@ class Decoder:
         )
         s = result.stats
         return SpecCounts(len(s["accepted_per_round"]), s["draft_n"], s["draft_n_accepted"], s["accepted_per_pos"])
+
+    def warm_up(self, tokens: int = 12) -> None:
+        """Run both kinds of step once before serving: the first calls pay one-off costs (building the
+        draft's kernels' weight copies, first touches of memory) that would land on the first requests,
+        and the draft's adaptive schedule, timing them as draft steps, would judge the draft too slow
+        (measured: a server whose first requests were not speculated at all). The schedule then
+        starts afresh. Leaves every row free (its cache contents are overwritten by later prefills)."""
+        n = max(1, min(8, self.ctx // 4))
+        prompt = [i % self.model.config.vocab_size for i in range(1, n + 1)]
+        self.run_alone(0, prompt, 0, max(1, min(tokens, self.ctx - n - 1)), GREEDY, (), torch.Generator(),
+                       lambda _: False, lambda t, d: None)
+        rows = min(2, len(self.caches.row))
+        self.prefill_row(rows - 1, prompt, 0)
+        self.decode_rows([[1]] * rows, [n] * rows)
+        if self.draft is not None:
+            self.draft.auto_schedule = AdaptiveK()
 
     @torch.inference_mode()
     def prefill_row(self, row: int, tokens: list[int], start: int) -> torch.Tensor:

@@ -53,6 +53,8 @@ class Scheduler:
     # --- called from the HTTP side -----------------------------------------------------
 
     def start(self) -> None:
+        """Warm the decoder up (before the HTTP side answers, so no request waits for it), then decode."""
+        self.decoder.warm_up()
         self.thread.start()
 
     def stop(self) -> None:
