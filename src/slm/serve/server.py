@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from slm.chat import apply_chat_template, load_chat_template
+from slm.chat import load_chat_template, render_chat
 from slm.errors import SlmError
 from slm.generate import stop_ids_for
 from slm.load import load_draft, load_model, resolve_model_dir
@@ -40,8 +40,9 @@ def build_state(model_path: str | os.PathLike, *, draft: str | None = None, draf
     decoder = Decoder(model, max_batch, ctx, loaded_draft, draft_tokens)
     scheduler = Scheduler(decoder, max_batch, max_queue, metrics)
     render = None
-    if load_chat_template(model_dir) is not None:
-        render = lambda messages: apply_chat_template(model_dir, messages)  # noqa: E731
+    template = load_chat_template(model_dir)
+    if template is not None:
+        render = lambda messages: render_chat(template, messages, where=str(model_dir))  # noqa: E731
     stop_ids = frozenset(stop_ids_for(model, tokenizer))
     return ServerState(name=Path(model_path).name, tokenizer=tokenizer, vocab_size=model.config.vocab_size, ctx=ctx,
                        stop_ids=stop_ids, scheduler=scheduler, metrics=metrics, render_chat=render, api_key=api_key,
