@@ -347,3 +347,22 @@ def test_the_thread_count_follows_the_measured_cost():
         chooser.record(t, cost[t])
     assert [chooser.pick(2) for _ in range(10)].count(2) >= 9
     assert engine.ThreadChooser.candidates(8) == [8, 4, 2, 1] and engine.ThreadChooser.candidates(1) == [1]
+
+
+def test_a_weight_changed_in_place_gets_a_new_decoder():
+    """The kernels run over copies of the weights: an in-place change (an optimizer step) must not
+    leave decoding on the old values."""
+    model = tiny()
+    model.setup_cache(1, 16)
+    first = decoder(model)
+    assert decoder(model) is first  # unchanged: the same decoder
+    with torch.no_grad():
+        model.layers[0].feed_forward.w2.weight.mul_(-1.0)
+    second = decoder(model)
+    assert second is not first
+    ref = Transformer(model.config).eval()
+    ref.load_state_dict(model.state_dict())
+    ref.setup_cache(1, 16)
+    prompt = torch.randint(0, 96, (1, 5), generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode():
+        torch.testing.assert_close(second(prompt, torch.arange(5)), ref(prompt, torch.arange(5)), atol=1e-5, rtol=1e-5)

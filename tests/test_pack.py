@@ -70,8 +70,9 @@ def test_packed_model_refuses_stale_weights(change):
 
 @pytest.mark.parametrize("native", ["1", "0"])
 def test_setup_cache_does_not_pack_and_generate_decodes_the_current_weights(native, monkeypatch):
-    """generate runs slm.native's kernels over the model's own tensors (no packed copy), or, with
-    SLM_NATIVE=0 (or no compiler), packs; either way it decodes the weights as they are now."""
+    """generate runs slm.native's kernels (over a copy of the weights in their layout), or, with
+    SLM_NATIVE=0 (or no compiler), packs; either way it decodes the weights as they are now, even
+    after an in-place change."""
     monkeypatch.setenv("SLM_NATIVE", native)
     model = _model()
     model.setup_cache(1, 32)

@@ -325,10 +325,18 @@ class NativeDecoder:
         return logits.view(B, keep, self.desc.vocab)
 
 
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version  # bumped by every in-place change (an optimizer step, `mul_`)
+    except RuntimeError:  # an inference tensor: it keeps no version, and cannot be changed outside inference mode
+        return -1
+
+
 def _stamp(model: Transformer) -> tuple:
-    """Which tensors a decoder was built over (a replaced parameter or layer makes a new one)."""
+    """Which tensors, in which versions, a decoder was built over: its weights are copies, so a replaced
+    parameter or layer, or a weight changed in place, makes a new one."""
     tensors = [*model.parameters(), *(b for name, b in model.named_buffers() if ".kv_cache." not in name)]
-    return tuple((id(t), t.data_ptr()) for t in tensors)
+    return tuple((id(t), t.data_ptr(), _version(t)) for t in tensors)
 
 
 _decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
