@@ -49,7 +49,9 @@ class DistillConfig:
     max_prompts: int = 4000
     max_prompt_tokens: int = 384
     max_new_tokens: int = 192
-    gen_batch_size: int = 32  # answer tokens per CPU-second: 34 at 8, 55 at 32 and 64 (SmolLM2, one thread)
+    # Answer tokens/s, SmolLM2, 2 threads, native steps: 108 at 8, 94 at 16, 49 at 32 (eager PyTorch: 46-50,
+    # 57-68, 7-11); benchmarks/README.md.
+    gen_batch_size: int = 8
     temperature: float = 0.0  # the target's answers: greedy (what the benchmark decodes) unless > 0
     draft_vocab: int = 8192
     features: bool = True  # False: a one-layer standalone draft on the target's embeddings (the ablation)

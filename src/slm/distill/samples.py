@@ -29,6 +29,7 @@ from slm.distill.cache import Capture
 from slm.errors import SlmError
 from slm.generate import Stop, generate
 from slm.model import Transformer
+from slm.native import decoder
 from slm.sampling import SamplingParams, next_token
 
 
@@ -82,12 +83,13 @@ def answer_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: i
     if min(lens) >= total:
         raise SlmError(f"distillation prompts of {min(lens)} tokens leave no room in the context ({total})")
     model.setup_cache(batch_size=len(prompts), max_seq_len=total)
+    run = decoder(model)  # decoding's own kernels: a step of the whole batch is one native call
     start = min(lens)
     ids = torch.tensor([p[:start] for p in prompts])  # (B, start)
     device = model.tok_embeddings.weight.device
     if capture is not None:
         capture.begin(len(prompts), total, model.config.dim)
-    logits = model(ids.to(device), torch.arange(start, device=device), logits_to_keep=1)[:, -1]  # (B, V)
+    logits = run(ids.to(device), torch.arange(start, device=device), logits_to_keep=1)[:, -1]  # (B, V)
     if capture is not None:
         capture.record(torch.arange(start), logits)
     new: list[list[int]] = [[] for _ in prompts]
@@ -106,7 +108,7 @@ def answer_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: i
             column.append(tok)
         if all(done) or pos + 1 >= total or (deadline is not None and time.perf_counter() > deadline):
             break
-        logits = model(torch.tensor(column, device=device)[:, None], torch.tensor([pos], device=device))[:, -1]
+        logits = run(torch.tensor(column, device=device)[:, None], torch.tensor([pos], device=device))[:, -1]
         if capture is not None:
             capture.record(torch.tensor([pos]), logits)
     model.clear_cache()
