@@ -104,6 +104,33 @@ def test_a_short_prefill_runs_natively_in_chunks(keep, monkeypatch):
     assert model not in calls
 
 
+def test_a_batched_prefill_keeps_each_call_within_max_rows(monkeypatch):
+    """B rows of T positions: every native call holds at most MAX_ROWS rows (5 x 19 = 95 rows: calls
+    of 5 x 5, not of 5 x 7), and the logits are the model's."""
+    model = tiny(max_seq_len=64)
+    ref = Transformer(model.config).eval()
+    ref.load_state_dict(model.state_dict())
+    ref.setup_cache(5, 64)
+    model.setup_cache(5, 64)
+    nat = decoder(model)
+    sizes = []
+    forward = NativeDecoder._forward
+    monkeypatch.setattr(NativeDecoder, "_forward", lambda self, t, *a: sizes.append(t.numel()) or forward(self, t, *a))
+    prompt = torch.randint(0, 96, (5, 19), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        torch.testing.assert_close(nat(prompt, torch.arange(19), logits_to_keep=1),
+                                   ref(prompt, torch.arange(19), logits_to_keep=1), atol=1e-5, rtol=1e-5)
+    assert sizes and max(sizes) <= engine.MAX_ROWS and sum(sizes) == 95
+
+
+def test_a_chunked_prefill_past_the_cache_is_a_clear_error():
+    model = tiny(max_seq_len=128)
+    model.setup_cache(1, 40)
+    nat = decoder(model)
+    with torch.inference_mode(), pytest.raises(SlmError, match="beyond the KV cache length 40"):
+        nat(torch.zeros(1, 50, dtype=torch.long), torch.arange(50))
+
+
 @pytest.mark.parametrize("quant", [None, quantize_int8, quantize_int4])
 def test_verifying_k_tokens_in_one_call_equals_k_steps_bit_for_bit(quant):
     model = tiny(dim=128, n_heads=4, ffn_dim=256)

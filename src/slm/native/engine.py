@@ -285,7 +285,7 @@ class NativeDecoder:
             return self._forward(tokens, input_pos, keep, tap)
         # A prompt's prefill: consecutive calls of at most MAX_ROWS rows, as equal as can be, each
         # keeping the logits of those of the last `keep` positions it holds.
-        chunks = -(-B * T // MAX_ROWS)
+        chunks = -(-T // (MAX_ROWS // B))  # each call holds at most MAX_ROWS // B positions of every row
         size = -(-T // chunks)
         out = []
         for a in range(0, T, size):
