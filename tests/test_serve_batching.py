@@ -212,3 +212,24 @@ def test_lookup_gate_drafts_only_positions_that_pay():
     for _ in range(200):  # nothing accepted: drafting stops but for the probes
         gate.record(BATCH_LOOKUP_K, 0)
     assert [gate.positions() for _ in range(LookupGate.PROBE_EVERY)].count(0) == LookupGate.PROBE_EVERY - 1
+
+
+@pytest.mark.parametrize("max_batch,ctx", [(1, 2), (1, 8), (3, 64)])
+def test_warm_up_runs_at_any_context_and_leaves_a_fresh_schedule(max_batch, ctx):
+    """The server's warm-up (before it answers) fits the smallest context and a single row, the
+    draft's schedule starts afresh after it (its timings of first calls are dropped), and a request
+    decoded after it is exactly what generate gives."""
+    from slm.serve.decoding import Decoder
+    from slm.speculative import NgramDraft
+
+    draft = NgramDraft()
+    before = draft.auto_schedule
+    dec = Decoder(_tiny(), max_batch, ctx, draft)
+    dec.warm_up()
+    assert draft.auto_schedule is not before
+    prompt = [5, 6, 7][: ctx - 1]
+    want = generate(_tiny(), prompt, ctx - len(prompt), stop=Stop()).tokens
+    got = []
+    dec.run_alone(0, prompt, 0, len(want), SamplingParams(), (), torch.Generator(), lambda _: False,
+                  lambda t, d: got.append(t))
+    assert got == want and len(got) >= 1
