@@ -177,6 +177,33 @@ def test_batched_rows_at_their_own_positions():
         torch.testing.assert_close(run(tokens, pos), ref(tokens, pos), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("max_rows", [32, 5])
+def test_a_ragged_call_gives_each_segment_its_own_logits_bit_for_bit(max_rows, monkeypatch):
+    """The server's step (`segments`): a joining prompt, running rows with drafts, rows of the cache
+    left out; in one call or cut into calls of a few rows (max_rows 5). Each segment's logits and
+    keys/values are bit for bit those of running it alone; rows not named keep their cache."""
+    monkeypatch.setattr(engine, "MAX_ROWS", max_rows)
+    model = tiny(dim=128, n_heads=4, ffn_dim=256)
+    model.setup_cache(4, 64)
+    run = decoder(model)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (4, 9, 6)]
+    with torch.inference_mode():
+        for row, p in ((0, prompts[0]), (2, prompts[1])):  # rows 0 and 2 run; row 1 is free; row 3 joins
+            run.segments([(row, p, 0)], [0])
+        before = [layer.attention.kv_cache.k[1].clone() for layer in model.layers]
+        segs = [(3, prompts[2], 0), (0, [7, 8, 9], 4), (2, [11], 9)]
+        together = run.segments(segs, [1, 3, 1])
+        after = [layer.attention.kv_cache.k.clone() for layer in model.layers]
+        assert all(torch.equal(b, layer.attention.kv_cache.k[1]) for b, layer in zip(before, model.layers))
+        alone = [run.segments([seg], [k])[0] for seg, k in zip(segs, [1, 3, 1])]  # rewrites the same positions
+        assert all(torch.equal(a, layer.attention.kv_cache.k) for a, layer in zip(after, model.layers))
+    assert [t.shape for t in together] == [(1, 96), (3, 96), (1, 96)]
+    assert all(torch.equal(a, b) for a, b in zip(together, alone))
+    with pytest.raises(SlmError, match="segment of 2 tokens at position 63"):
+        run.segments([(0, [1, 2], 63)], [1])
+
+
 def _qdq_rows(x: torch.Tensor) -> torch.Tensor:
     """The activations as the int8 kernels see them: blocks of 32, scale amax / 127, round to nearest even."""
     xb = x.reshape(x.shape[0], -1, 32)

@@ -121,11 +121,16 @@ def _drive(sched, arrivals: dict[int, list]):
     raise AssertionError("the scheduler did not finish")
 
 
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("draft", [None, "ngram"])
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
-def test_joining_and_leaving_requests_get_their_single_request_output(draft, temperature):
+def test_joining_and_leaving_requests_get_their_single_request_output(draft, temperature, native, monkeypatch):
+    """Native: joining prompts ride in the step's ragged call; without the kernels (SLM_NATIVE=0) they
+    are prefilled one by one and the rows step through the model."""
     from slm.speculative import NgramDraft
 
+    if not native:
+        monkeypatch.setenv("SLM_NATIVE", "0")
     model = _tiny(2)
     g = torch.Generator().manual_seed(3)
     specs = [(torch.randint(3, 256, (n,), generator=g).tolist(), m) for n, m in ((6, 9), (3, 14), (11, 4), (4, 20), (8, 12))]
@@ -149,6 +154,49 @@ def test_joining_and_leaving_requests_get_their_single_request_output(draft, tem
             assert len(req.generated) == len(w)  # sampled with a draft: exact in distribution (tested in test_speculative_sampling)
     assert sched.rows_in_use() == 0
     assert sched.metrics.steps["batched"] > 0 and sched.metrics.steps["alone"] > 0
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_request_reuses_the_prefix_a_free_row_holds_bit_for_bit(native, monkeypatch):
+    """A shared system prompt, then a follow-up turn: each new request takes the free row whose cache
+    holds the longest prefix of its prompt and computes only the rest; its output is its single-request
+    output and its row's keys/values are bit for bit those of a fresh prefill. A request with nothing
+    to reuse takes an empty row rather than one that holds a prefix. Without the kernels, no reuse."""
+    import copy
+
+    from slm.native import decoder
+
+    if not native:
+        monkeypatch.setenv("SLM_NATIVE", "0")
+    model = _tiny(5)
+    g = torch.Generator().manual_seed(11)
+    system = torch.randint(3, 256, (7,), generator=g).tolist()
+    a_prompt, b_prompt = system + [40, 41, 42], system + [50, 51]
+    c_prompt = torch.randint(3, 256, (5,), generator=g).tolist()
+    want_b = generate(model, b_prompt, 4, stop=Stop()).tokens
+    d_prompt = b_prompt + want_b[:2] + [60]  # the next turn of b's chat
+    specs = {"a": (a_prompt, 6), "b": (b_prompt, 4), "c": (c_prompt, 14), "d": (d_prompt, 5)}
+    want = {k: generate(model, p, n, stop=Stop()).tokens for k, (p, n) in specs.items()}
+    sched = _scheduler(model, max_batch=2)
+    reqs = {k: _request(p, n)[0] for k, (p, n) in specs.items()}
+    _drive(sched, {0: [reqs["a"]]})  # alone: row 0 keeps a's context
+    assert sched.held[0] == (a_prompt + want["a"])[:-1] if native else sched.held[0] == []
+    _drive(sched, {0: [reqs["c"], reqs["b"]], 3: [reqs["d"]]})  # c: row 1 (empty); b: row 0; d joins c there
+    assert {k: r.generated for k, r in reqs.items()} == want
+    reused = {k: r.reused for k, r in reqs.items()}
+    assert reused == ({"a": 0, "b": 7, "c": 0, "d": len(b_prompt) + 2} if native else dict.fromkeys(reqs, 0))
+    assert reqs["d"].usage()["prompt_tokens_details"] == {"cached_tokens": reused["d"]}
+    assert sched.metrics.prompt_tokens_cached == sum(reused.values())
+    if native:
+        held = sched.held[0]
+        assert held == (d_prompt + want["d"])[:-1]
+        ref = copy.deepcopy(model)
+        ref.setup_cache(1, 64)
+        with torch.inference_mode():
+            decoder(ref)(torch.tensor([held]), torch.arange(len(held)))
+        for mine, theirs in zip(sched.decoder.caches.row[0], ref.layers):  # row 0's cache, layer by layer
+            for a, b in ((mine.k, theirs.attention.kv_cache.k), (mine.v, theirs.attention.kv_cache.v)):
+                assert torch.equal(a[0, :, : len(held)], b[0, :, : len(held)])
 
 
 def test_cancelled_request_frees_its_row_at_the_next_step():

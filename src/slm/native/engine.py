@@ -299,19 +299,62 @@ class NativeDecoder:
         B, T = tokens.shape
         self._bind_caches()
         taps = tap.native_out(B, input_pos) if tap is not None else None  # (B*T, n_taps*dim) fp32, or None
-        tap_layers = tap.layers if taps is not None else ()
-        n = B * T
         pos = input_pos.tolist()
         pos = pos * B if input_pos.dim() == 1 else [p for row in pos for p in row]  # row r = (b, t)
-        rows = [b * T + t for b in range(B) for t in range(T - keep, T)]
-        logits = torch.empty(B * keep, self.desc.vocab, dtype=torch.float32)
+        logits = self._call(tokens.reshape(-1).tolist(), [b for b in range(B) for _ in range(T)], pos,
+                            [b * T + t for b in range(B) for t in range(T - keep, T)],
+                            tap.layers if taps is not None else (), taps)
+        if taps is not None:
+            tap.native_keep(taps, B, input_pos)
+        return logits.view(B, keep, self.desc.vocab)
+
+    def segments(self, segs: list[tuple[int, list[int], int]], keep: list[int]) -> list[torch.Tensor]:
+        """A ragged step over several cache rows: segment i is the tokens segs[i][1] of cache row segs[i][0]
+        at positions segs[i][2].. (a new request's prompt, a running one's pending token and drafts), and
+        its last keep[i] positions' logits come back, (keep[i], V) each. Rows of the cache not named are
+        not computed. Runs in calls of at most MAX_ROWS rows, as equal as can be; a segment cut across
+        calls goes in order, so later positions see the earlier ones' keys and values. Only for a model
+        without forward hooks (`runs_segments`); each row's logits are those of any other call shape
+        (batch invariance, kernels.cpp)."""
+        self._bind_caches()
+        flat = [(seq, tok, start + i, i >= len(toks) - k)
+                for (seq, toks, start), k in zip(segs, keep) for i, tok in enumerate(toks)]
+        for seq, toks, start in segs:
+            if not toks or not 0 <= start <= start + len(toks) <= self.desc.cache_len:
+                raise SlmError(f"native forward: segment of {len(toks)} tokens at position {start} of cache row {seq}, "
+                               f"cache length {self.desc.cache_len}")
+        calls = -(-len(flat) // MAX_ROWS)
+        size = -(-len(flat) // max(1, calls))
+        out = []
+        for a in range(0, len(flat), size):
+            part = flat[a : a + size]
+            out.append(self._call([f[1] for f in part], [f[0] for f in part], [f[2] for f in part],
+                                  [i for i, f in enumerate(part) if f[3]], (), None))
+        logits = torch.cat(out) if out else torch.empty(0, self.desc.vocab)
+        return list(logits.split(keep))
+
+    @property
+    def runs_segments(self) -> bool:
+        """Whether `segments` may run now: no forward hook would miss the call (it feeds no tap)."""
+        return _tap(self.model) is None
+
+    @property
+    def runs_natively(self) -> bool:
+        """Whether calls of up to PREFILL_ROWS rows run in the kernels now (no hook needs the eager forward)."""
+        return _tap(self.model) is not _EAGER
+
+    def _call(self, tokens: list[int], seqs: list[int], pos: list[int], logit_rows: list[int], tap_layers, taps
+              ) -> torch.Tensor:
+        """slm_forward over flat rows (token, cache row, position) -> logits (len(logit_rows), V)."""
+        n = len(tokens)
+        logits = torch.empty(len(logit_rows), self.desc.vocab, dtype=torch.float32)
         arr = ctypes.c_int64 * n
         most, adaptive = native_threads()
         threads = self.threads.pick(most) if adaptive else most
         t0 = time.perf_counter()
         rc = self.lib.slm_forward(
-            ctypes.byref(self.desc), n, arr(*tokens.reshape(-1).tolist()), arr(*[b for b in range(B) for _ in range(T)]),
-            arr(*pos), len(rows), (ctypes.c_int64 * len(rows))(*rows), logits.data_ptr(),
+            ctypes.byref(self.desc), n, arr(*tokens), arr(*seqs), arr(*pos), len(logit_rows),
+            (ctypes.c_int64 * len(logit_rows))(*logit_rows), logits.data_ptr(),
             len(tap_layers), (_c_int * len(tap_layers))(*tap_layers), None if taps is None else taps.data_ptr(), threads)
         if n == 1:
             self.threads.record(threads, time.perf_counter() - t0)
@@ -320,9 +363,7 @@ class NativeDecoder:
                     -3: f"a position beyond the KV cache length {self.desc.cache_len}",
                     -5: f"a tapped layer outside 0..{self.desc.n_layers - 1}"}.get(rc, f"bad arguments ({rc})")
             raise SlmError(f"native forward: {what}")
-        if taps is not None:
-            tap.native_keep(taps, B, input_pos)
-        return logits.view(B, keep, self.desc.vocab)
+        return logits
 
 
 def _version(t: torch.Tensor) -> int:

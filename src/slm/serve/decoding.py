@@ -9,10 +9,20 @@ holds one row. Two ways to advance requests, both exact:
   row already caches (`cached`), so a request that comes back from batched steps is not scored
   again (a draft with a cache of its own catches up by itself), and it stops, via `Stop.interrupt`,
   as soon as another request is waiting to join.
-- `prefill_row` + `decode_rows`: with two or more requests, one forward over all their rows per
-  step, each row at its own positions (`Transformer.forward` with input_pos of shape (B, T)). With a
-  draft, greedy rows also carry up to `BATCH_LOOKUP_K` prompt-lookup draft tokens (`lookup`),
-  verified per row (`accept`, the library's `verify_greedy`): batched verification, per-row acceptance.
+- `step_rows`: with two or more requests, one ragged native call per step (`NativeDecoder.segments`)
+  carries every running row's pending token (and drafts) and the prompts of requests joining now,
+  each at its own cache row and positions; rows without a request are not computed. With a draft,
+  greedy rows also carry up to `BATCH_LOOKUP_K` prompt-lookup draft tokens (`lookup`), verified per
+  row (`accept`, the library's `verify_greedy`): batched verification, per-row acceptance. Where the
+  kernels do not run (no compiler, forward hooks) or a prompt is too long for them, `prefill_row` +
+  `decode_rows` do the same through the model (`Transformer.forward` with input_pos of shape (B, T)).
+
+A row's cache outlives its request: a new request whose prompt starts like the tokens a free row
+still holds reuses them (`reused_prefix`), as llama-server's prompt cache and vLLM's prefix caching
+do. Only where that is exact by construction: the kernels compute a position's keys and values the
+same way whatever else is in the call (batch invariance), so a prefix they computed for one request
+is bit for bit what they would compute for the next; prompts the model's own forward prefills (longer
+than `PREFILL_ROWS`, or no kernels) never reuse.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import torch
 from slm.generate import Stop, generate
 from slm.model import KVCache, Transformer
 from slm.native import decoder
+from slm.native.engine import PREFILL_ROWS, NativeDecoder
 from slm.sampling import SamplingParams, next_token
 from slm.speculative import AdaptiveK, Draft, NgramDraft, Plan, verify_greedy
 
@@ -147,12 +158,53 @@ class Decoder:
         pos = torch.arange(start, start + len(tokens), device=self.device)  # (T,)
         return self.run(ids, pos, logits_to_keep=1)[0, -1]
 
+    @property
+    def native(self) -> bool:
+        """Whether the kernels compute this server's steps (short prefills included) now."""
+        return isinstance(self.run, NativeDecoder) and self.run.runs_natively
+
+    @property
+    def ragged(self) -> bool:
+        """Whether batched steps can be one ragged native call (`step_rows`)."""
+        return isinstance(self.run, NativeDecoder) and self.run.runs_segments
+
+    def exact_prefix(self, prompt: list[int]) -> bool:
+        """Whether the keys and values of a request with this prompt are all the kernels' (its prefill is
+        short enough for them), so that another request may reuse them, and it those of another."""
+        return self.native and len(prompt) <= PREFILL_ROWS
+
+    def reused_prefix(self, held: list[int], prompt: list[int]) -> int:
+        """How many of a row's cached positions (it holds the keys and values of `held`, left by a request
+        for which `exact_prefix` held) a request with this prompt may take over instead of computing
+        them: their common prefix, up to all but the prompt's last token (whose logits give the first
+        new token), where that is exact (see above)."""
+        if not self.exact_prefix(prompt):
+            return 0
+        n = 0
+        for a, b in zip(held, prompt[:-1]):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    def fits_step(self, tokens: int) -> bool:
+        """Whether a prompt of this many uncached tokens may be prefilled inside a ragged step."""
+        return tokens <= PREFILL_ROWS
+
+    @torch.inference_mode()
+    def step_rows(self, segments: list[tuple[int, list[int], int]], keep: list[int]) -> list[torch.Tensor]:
+        """One ragged step (only when `ragged`): segment i = (cache row, tokens, first position) ->
+        the logits of its last keep[i] positions, (keep[i], V)."""
+        self.caches.bind(self.caches.prefix[-1])  # every row: the kernels index the cache by row
+        return self.run.segments(segments, keep)
+
     @torch.inference_mode()
     def decode_rows(self, tokens: list[list[int]], starts: list[int]) -> torch.Tensor:
         """One forward for rows 0..n-1: row r's tokens (its pending token, then any draft tokens) at
         positions starts[r].. -> logits (n, T, V), T the longest row. A shorter row's padding goes to
         the positions after its tokens: nothing reads a position before a later forward writes it.
-        Rows without a live request pass [any token] at start 0 (their cache row is free)."""
+        A row without a live request passes [any token] at a position past what its cache holds (so
+        a prefix it keeps for reuse stays intact), or at the spare position ctx."""
         n, T = len(tokens), max(map(len, tokens))
         ids = torch.zeros(n, T, dtype=torch.long)  # (n, T)
         pos = torch.empty(n, T, dtype=torch.long)  # (n, T)

@@ -44,7 +44,7 @@ class Metrics:
         self.lock = threading.Lock()
         self.requests = {"stop": 0, "length": 0, "cancelled": 0}
         self.rejected = {"invalid": 0, "queue_full": 0}
-        self.prompt_tokens = self.generation_tokens = 0
+        self.prompt_tokens = self.prompt_tokens_cached = self.generation_tokens = 0
         self.drafts = self.draft_tokens = self.accepted_tokens = 0
         self.accepted_per_pos: list[int] = []
         self.ttft, self.itl = Histogram(TTFT_BUCKETS), Histogram(ITL_BUCKETS)
@@ -69,10 +69,11 @@ class Metrics:
             if ttft is not None:
                 self.ttft.observe(ttft)
 
-    def finished(self, reason: str, prompt_tokens: int) -> None:
+    def finished(self, reason: str, prompt_tokens: int, cached_tokens: int = 0) -> None:
         with self.lock:
             self.requests[reason] = self.requests.get(reason, 0) + 1
             self.prompt_tokens += prompt_tokens
+            self.prompt_tokens_cached += cached_tokens
 
     def reject(self, why: str) -> None:
         with self.lock:
@@ -89,6 +90,9 @@ class Metrics:
                 f"# TYPE {p}request_rejected_total counter",
                 *(f'{p}request_rejected_total{{reason="{k}"}} {v}' for k, v in self.rejected.items()),
                 f"# TYPE {p}prompt_tokens_total counter", f"{p}prompt_tokens_total {self.prompt_tokens}",
+                # vLLM's prefix-cache counters, in tokens: prompt tokens looked up, and found in a row's cache
+                f"# TYPE {p}prefix_cache_queries_total counter", f"{p}prefix_cache_queries_total {self.prompt_tokens}",
+                f"# TYPE {p}prefix_cache_hits_total counter", f"{p}prefix_cache_hits_total {self.prompt_tokens_cached}",
                 f"# TYPE {p}generation_tokens_total counter", f"{p}generation_tokens_total {self.generation_tokens}",
                 f"# TYPE {p}decode_steps_total counter",
                 *(f'{p}decode_steps_total{{mode="{k}"}} {v}' for k, v in self.steps.items()),

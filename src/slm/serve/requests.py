@@ -34,6 +34,7 @@ class Request:
     cancelled: bool = False  # set by the HTTP side when the client went away
     row: int | None = None
     cached: int = 0  # positions of the context held in the row's KV cache
+    reused: int = 0  # of the prompt's, taken over from the row's previous request (not computed)
     spec: SpecCounts = field(default_factory=lambda: SpecCounts(accepted_per_pos=[]))
     arrived: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -101,7 +102,8 @@ class Request:
         n = len(self.generated)
         predicted_ms = (last - first) * 1000.0
         return {
-            "prompt_n": len(self.prompt),
+            "prompt_n": len(self.prompt) - self.reused,
+            "cache_n": self.reused,
             "prompt_ms": round((first - self.arrived) * 1000.0, 3),
             "predicted_n": n,
             "predicted_ms": round(predicted_ms, 3),
@@ -113,4 +115,5 @@ class Request:
 
     def usage(self) -> dict:
         n = len(self.generated)
-        return {"prompt_tokens": len(self.prompt), "completion_tokens": n, "total_tokens": len(self.prompt) + n}
+        return {"prompt_tokens": len(self.prompt), "completion_tokens": n, "total_tokens": len(self.prompt) + n,
+                "prompt_tokens_details": {"cached_tokens": self.reused}}

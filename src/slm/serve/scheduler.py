@@ -7,11 +7,16 @@ running batch at any step. A step is either:
 - one request alone (no one waiting): the library's single-request path runs it on its row
   (`Decoder.run_alone`), speculative when the server has a draft, until it finishes or someone
   waits to join (then it stops after its next token);
-- two or more requests: rows whose context is not cached yet are prefilled (their first token
-  comes from the prefill), then every row advances in a single batched forward, each row at its
-  own positions. With a draft, each greedy row also carries up to `BATCH_LOOKUP_K` prompt-lookup
+- two or more requests: one batched forward carries the prompts of requests joining now (their
+  first token comes from it) and the pending token of every running row, each row at its own
+  positions (`Decoder.step_rows`; without the native kernels, or for a prompt too long for them,
+  joining prompts are prefilled first, one by one). With a draft, each greedy row also carries up to `BATCH_LOOKUP_K` prompt-lookup
   draft tokens (as many positions as `LookupGate` finds worth their rows), verified per row: a row
   keeps its accepted prefix plus the target's next token.
+
+A new request takes the free row whose cache holds the longest prefix of its prompt (a shared
+system prompt, an earlier turn of the same chat) and computes only the rest (`Decoder.reused_prefix`
+says where that is exact); `usage.prompt_tokens_details.cached_tokens` reports it.
 
 So speculation runs with the server's full draft (model, lookup, adaptive K) while one request
 runs, and as batched verification of per-row prompt-lookup drafts with two or more. Both give
@@ -43,6 +48,9 @@ class Scheduler:
         self.decoder, self.metrics = decoder, metrics
         self.max_queue = max_queue
         self.rows: list[Request | None] = [None] * max_batch
+        # held[r]: the tokens whose keys and values row r holds at positions 0.. while no request has it
+        # (a finished request's context as far as it was cached), for the next request's prompt to reuse.
+        self.held: list[list[int]] = [[] for _ in range(max_batch)]
         self.waiting: collections.deque[Request] = collections.deque()
         self.cond = threading.Condition()
         self.closed = False
@@ -118,17 +126,27 @@ class Scheduler:
             if req.cancelled:
                 self._finish(req)
                 continue
-            req.row = self.rows.index(None)
-            self.rows[req.row] = req
+            self._place(req)
         self.metrics.waiting = len(self.waiting)
         self.metrics.running = self.rows_in_use()
+
+    def _place(self, req: Request) -> None:
+        """(Lock held.) Give a request the free row whose cache holds the longest prefix of its prompt,
+        and count that prefix as cached; with none to reuse, the free row holding the least (so that the
+        prefixes other rows keep stay), the lowest first."""
+        free = [r for r, req_in in enumerate(self.rows) if req_in is None]
+        reuse = {r: self.decoder.reused_prefix(self.held[r], req.prompt) for r in free}
+        req.row = max(free, key=lambda r: (reuse[r], -len(self.held[r]), -r))
+        req.cached = req.reused = reuse[req.row]
+        self.rows[req.row], self.held[req.row] = req, []  # the request writes the row from here on
 
     def _finish(self, req: Request) -> None:
         if req.row is not None and self.rows[req.row] is req:
             self.rows[req.row] = None
+            self.held[req.row] = req.context[: req.cached] if self.decoder.exact_prefix(req.prompt) else []
         req.row = None
         reason = "cancelled" if req.cancelled else req.finish_reason
-        self.metrics.finished(reason, len(req.prompt))
+        self.metrics.finished(reason, len(req.prompt), req.reused)
         self.metrics.add_spec(req.spec.drafts, req.spec.draft_tokens, req.spec.accepted_tokens,
                               req.spec.accepted_per_pos)
         self.decoder.forget(req.id)
@@ -161,34 +179,53 @@ class Scheduler:
 
     def _step(self, active: list[Request]) -> None:
         self.metrics.steps["batched"] += 1
-        batch = []
+        ragged = self.decoder.ragged
+        joining, running = [], []
         for req in active:
             if req.done:
                 continue
             context = req.context
             if req.cached < len(context) - 1 or not req.generated and req.cached == 0:
-                # Not in the cache yet (a new request): prefill it; its logits give its next token.
+                # Not in the cache yet (a new request): its prompt's logits give its first token.
+                if ragged and self.decoder.fits_step(len(context) - req.cached):
+                    joining.append(req)  # prefilled inside this step's call
+                    continue
                 logits = self.decoder.prefill_row(req.row, context[req.cached :], req.cached)
                 req.cached = len(context)
                 self._push(req, pick(logits, req.sampling, req.generator), False)
                 if req.done:
                     continue
-            batch.append(req)
-        if not batch:
+            running.append(req)
+        if not joining and not running:
             return
-        n = max(req.row for req in batch) + 1
-        tokens, starts, drafts = [[0]] * n, [0] * n, {}
-        k = self.gate.positions() if self.decoder.draft is not None else 0
-        for req in batch:
+        k = self.gate.positions() if self.decoder.draft is not None and running else 0
+        drafts = {}
+        for req in running:
             context = req.context
             room = min(req.max_tokens - len(req.generated), self.decoder.ctx - len(context)) - 1
             drafts[req.row] = self.decoder.lookup(req.id, context, min(k, room)) if req.sampling.greedy else []
-            tokens[req.row], starts[req.row] = [context[-1]] + drafts[req.row], len(context) - 1
-        logits = self.decoder.decode_rows(tokens, starts)  # (n, T, V)
-        for req in batch:
-            d = drafts[req.row]
+        if ragged:
+            segments = [(r.row, r.context[r.cached :], r.cached) for r in joining]
+            segments += [(r.row, [r.context[-1]] + drafts[r.row], len(r.context) - 1) for r in running]
+            out = self.decoder.step_rows(segments, [1] * len(joining) + [len(drafts[r.row]) + 1 for r in running])
+            for req, logits in zip(joining, out):
+                req.cached = len(req.context)
+                self._push(req, pick(logits[-1], req.sampling, req.generator), False)
+            logits_of = {r.row: x for r, x in zip(running, out[len(joining) :])}  # row -> (K+1, V)
+        else:
+            n = max(req.row for req in running) + 1
+            # Rows sitting this step out write past what their cache holds (see Decoder.decode_rows).
+            starts = [min(len(self.held[r]) if self.rows[r] is None else self.rows[r].cached, self.decoder.ctx)
+                      for r in range(n)]
+            tokens = [[0]] * n
+            for req in running:
+                tokens[req.row], starts[req.row] = [req.context[-1]] + drafts[req.row], len(req.context) - 1
+            logits = self.decoder.decode_rows(tokens, starts)  # (n, T, V)
+            logits_of = {r.row: logits[r.row] for r in running}
+        for req in running:
+            d, logits = drafts[req.row], logits_of[req.row]
             if d:
-                accepted, extra = accept(logits[req.row, : len(d) + 1], d)
+                accepted, extra = accept(logits[: len(d) + 1], d)
                 self.gate.record(len(d), accepted)
                 req.spec.drafts += 1
                 req.spec.draft_tokens += len(d)
@@ -199,7 +236,7 @@ class Scheduler:
                     req.spec.accepted_per_pos[i] += 1
                 out = [(t, True) for t in d[:accepted]] + [(extra, False)]
             else:
-                out = [(pick(logits[req.row, 0], req.sampling, req.generator), False)]
+                out = [(pick(logits[0], req.sampling, req.generator), False)]
             for token, from_draft in out:
                 self._push(req, token, from_draft)
                 if req.done:
