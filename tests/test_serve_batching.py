@@ -199,6 +199,36 @@ def test_a_request_reuses_the_prefix_a_free_row_holds_bit_for_bit(native, monkey
                 assert torch.equal(a[0, :, : len(held)], b[0, :, : len(held)])
 
 
+def test_a_prefix_a_running_request_holds_is_copied_into_the_new_rows():
+    """Requests arriving while one with the same system prompt runs: each gets that prefix copied from the
+    running row into its own (bit for bit those of a fresh prefill) and its single-request output."""
+    import copy
+
+    from slm.native import decoder
+
+    model = _tiny(6)
+    g = torch.Generator().manual_seed(12)
+    system = torch.randint(3, 256, (9,), generator=g).tolist()
+    other = torch.randint(3, 256, (4,), generator=g).tolist()
+    specs = [(system + [40, 41], 12), (other, 12), (system + [50], 6), (system + [60, 61, 62], 5)]
+    want = [generate(model, p, n, stop=Stop()).tokens for p, n in specs]
+    sched = _scheduler(model, max_batch=4)
+    reqs = [_request(p, n)[0] for p, n in specs]
+    _drive(sched, {0: reqs[:2], 2: reqs[2:]})  # rows 0 and 1 run; the others join in rows 2 and 3
+    assert [r.generated for r in reqs] == want
+    assert [r.reused for r in reqs] == [0, 0, 9, 9] and sched.metrics.prompt_tokens_cached == 18
+    ref = copy.deepcopy(model)
+    ref.setup_cache(1, 64)
+    for row in (2, 3):
+        held = sched.held[row]
+        assert held[:9] == system
+        with torch.inference_mode():
+            decoder(ref)(torch.tensor([held]), torch.arange(len(held)))
+        for mine, theirs in zip(sched.decoder.caches.row[row], ref.layers):
+            assert torch.equal(mine.k[0, :, : len(held)], theirs.attention.kv_cache.k[0, :, : len(held)])
+            assert torch.equal(mine.v[0, :, : len(held)], theirs.attention.kv_cache.v[0, :, : len(held)])
+
+
 def test_cancelled_request_frees_its_row_at_the_next_step():
     model = _tiny(2)
     sched = _scheduler(model, max_batch=2)

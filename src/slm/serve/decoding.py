@@ -17,9 +17,10 @@ holds one row. Two ways to advance requests, both exact:
   kernels do not run (no compiler, forward hooks) or a prompt is too long for them, `prefill_row` +
   `decode_rows` do the same through the model (`Transformer.forward` with input_pos of shape (B, T)).
 
-A row's cache outlives its request: a new request whose prompt starts like the tokens a free row
-still holds reuses them (`reused_prefix`), as llama-server's prompt cache and vLLM's prefix caching
-do. Only where that is exact by construction: the kernels compute a position's keys and values the
+A row's cache outlives its request: a new request whose prompt starts like the tokens a row holds
+(a free row's last request, or a running request's context so far) reuses them (`reused_prefix`;
+from another row than its own by `copy_prefix`), as llama-server's prompt cache and vLLM's prefix
+caching do. Only where that is exact by construction: the kernels compute a position's keys and values the
 same way whatever else is in the call (batch invariance), so a prefix they computed for one request
 is bit for bit what they would compute for the next; prompts the model's own forward prefills (longer
 than `PREFILL_ROWS`, or no kernels) never reuse.
@@ -186,6 +187,13 @@ class Decoder:
                 break
             n += 1
         return n
+
+    @torch.inference_mode()
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Copy the keys and values of positions 0..n-1 from cache row src to row dst (bit for bit)."""
+        for cache in self.caches.prefix[-1]:
+            for t in (cache.k, cache.v):  # (B, Hkv, S, hd)
+                t[dst, :, :n] = t[src, :, :n]
 
     def fits_step(self, tokens: int) -> bool:
         """Whether a prompt of this many uncached tokens may be prefilled inside a ragged step."""

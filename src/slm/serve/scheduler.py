@@ -14,9 +14,10 @@ running batch at any step. A step is either:
   draft tokens (as many positions as `LookupGate` finds worth their rows), verified per row: a row
   keeps its accepted prefix plus the target's next token.
 
-A new request takes the free row whose cache holds the longest prefix of its prompt (a shared
-system prompt, an earlier turn of the same chat) and computes only the rest (`Decoder.reused_prefix`
-says where that is exact); `usage.prompt_tokens_details.cached_tokens` reports it.
+A new request computes only what no row's cache already holds of its prompt (a shared system
+prompt, an earlier turn of the same chat): it takes the free row holding the longest prefix, or has
+the longest prefix any row holds copied into its row (`Decoder.reused_prefix` says where that is
+exact); `usage.prompt_tokens_details.cached_tokens` reports it.
 
 So speculation runs with the server's full draft (model, lookup, adaptive K) while one request
 runs, and as batched verification of per-row prompt-lookup drafts with two or more. Both give
@@ -131,13 +132,21 @@ class Scheduler:
         self.metrics.running = self.rows_in_use()
 
     def _place(self, req: Request) -> None:
-        """(Lock held.) Give a request the free row whose cache holds the longest prefix of its prompt,
-        and count that prefix as cached; with none to reuse, the free row holding the least (so that the
-        prefixes other rows keep stay), the lowest first."""
-        free = [r for r, req_in in enumerate(self.rows) if req_in is None]
-        reuse = {r: self.decoder.reused_prefix(self.held[r], req.prompt) for r in free}
+        """(Lock held.) Give a request a free row and count as cached the longest prefix of its prompt
+        that some row's cache holds: its own row's if that is longest (the free row holding the longest,
+        else the one holding the least, so that the prefixes others keep stay), else copied from the
+        row that has it (a running request's too: its context so far is in its row)."""
+        def holds(r: int) -> list[int]:
+            other = self.rows[r]
+            return self.held[r] if other is None else other.context[: other.cached]
+
+        reuse = [self.decoder.reused_prefix(holds(r), req.prompt) for r in range(len(self.rows))]
+        free = [r for r, other in enumerate(self.rows) if other is None]
         req.row = max(free, key=lambda r: (reuse[r], -len(self.held[r]), -r))
-        req.cached = req.reused = reuse[req.row]
+        src = max(range(len(self.rows)), key=lambda r: (reuse[r], r == req.row))
+        if reuse[src] > reuse[req.row]:
+            self.decoder.copy_prefix(src, req.row, reuse[src])
+        req.cached = req.reused = reuse[src]
         self.rows[req.row], self.held[req.row] = req, []  # the request writes the row from here on
 
     def _finish(self, req: Request) -> None:
