@@ -10,9 +10,9 @@ running batch at any step. A step is either:
 - two or more requests: one batched forward carries the prompts of requests joining now (their
   first token comes from it) and the pending token of every running row, each row at its own
   positions (`Decoder.step_rows`; without the native kernels, or for a prompt too long for them,
-  joining prompts are prefilled first, one by one). With a draft, each greedy row also carries up to `BATCH_LOOKUP_K` prompt-lookup
-  draft tokens (as many positions as `LookupGate` finds worth their rows), verified per row: a row
-  keeps its accepted prefix plus the target's next token.
+  joining prompts are prefilled first, one by one). With a draft, each greedy row also carries up
+  to `BATCH_LOOKUP_K` prompt-lookup draft tokens (as many positions as `LookupGate` finds worth
+  their rows), verified per row: a row keeps its accepted prefix plus the target's next token.
 
 A new request computes only what no row's cache already holds of its prompt (a shared system
 prompt, an earlier turn of the same chat): it takes the free row holding the longest prefix, or has
