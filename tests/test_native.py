@@ -202,6 +202,10 @@ def test_a_ragged_call_gives_each_segment_its_own_logits_bit_for_bit(max_rows, m
     assert all(torch.equal(a, b) for a, b in zip(together, alone))
     with pytest.raises(SlmError, match="segment of 2 tokens at position 63"):
         run.segments([(0, [1, 2], 63)], [1])
+    with pytest.raises(SlmError, match="keeping 3 logits"):
+        run.segments([(0, [1, 2], 0)], [3])
+    with pytest.raises(SlmError, match="2 segments but 1 logit counts"):  # zip would drop one silently
+        run.segments([(0, [1], 0), (1, [2], 0)], [1])
 
 
 def _qdq_rows(x: torch.Tensor) -> torch.Tensor:

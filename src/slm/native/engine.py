@@ -316,13 +316,15 @@ class NativeDecoder:
         calls goes in order, so later positions see the earlier ones' keys and values. Only for a model
         without forward hooks (`runs_segments`); each row's logits are those of any other call shape
         (batch invariance, kernels.cpp)."""
-        self._bind_caches()
+        if len(keep) != len(segs):
+            raise SlmError(f"native forward: {len(segs)} segments but {len(keep)} logit counts")
+        self._bind_caches()  # (the cache's length, checked below)
+        for (seq, toks, start), k in zip(segs, keep):
+            if not toks or not 0 <= start <= start + len(toks) <= self.desc.cache_len or not 0 <= k <= len(toks):
+                raise SlmError(f"native forward: segment of {len(toks)} tokens at position {start} of cache row {seq} "
+                               f"keeping {k} logits, cache length {self.desc.cache_len}")
         flat = [(seq, tok, start + i, i >= len(toks) - k)
                 for (seq, toks, start), k in zip(segs, keep) for i, tok in enumerate(toks)]
-        for seq, toks, start in segs:
-            if not toks or not 0 <= start <= start + len(toks) <= self.desc.cache_len:
-                raise SlmError(f"native forward: segment of {len(toks)} tokens at position {start} of cache row {seq}, "
-                               f"cache length {self.desc.cache_len}")
         calls = -(-len(flat) // MAX_ROWS)
         size = -(-len(flat) // max(1, calls))
         out = []
