@@ -83,12 +83,12 @@ class _Tok:
 _IDS = []
 
 
-def _scheduler(model, max_batch=3, draft=None):
+def _scheduler(model, max_batch=3, draft=None, **kwargs):
     from slm.serve.decoding import Decoder
     from slm.serve.metrics import Metrics
     from slm.serve.scheduler import Scheduler
 
-    return Scheduler(Decoder(model, max_batch, 64, draft), max_batch, 16, Metrics())
+    return Scheduler(Decoder(model, max_batch, 64, draft), max_batch, 16, Metrics(), **kwargs)
 
 
 def _request(prompt, n, temperature=0.0, seed=None):
@@ -227,6 +227,57 @@ def test_a_prefix_a_running_request_holds_is_copied_into_the_new_rows():
         for mine, theirs in zip(sched.decoder.caches.row[row], ref.layers):
             assert torch.equal(mine.k[0, :, : len(held)], theirs.attention.kv_cache.k[0, :, : len(held)])
             assert torch.equal(mine.v[0, :, : len(held)], theirs.attention.kv_cache.v[0, :, : len(held)])
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_a_joining_prompt_is_prefilled_in_chunks_while_others_decode(chunk):
+    """Chunked prefill: while requests decode, each step carries at most `chunk` prompt tokens of the
+    joining requests, oldest first (b's 13 tokens, then c's 5), and every request still gets its
+    single-request output. A request cancelled halfway through its prompt leaves its row holding the
+    part computed, which the next request with that prompt reuses, bit for bit."""
+    model = _tiny(7)
+    g = torch.Generator().manual_seed(13)
+    specs = {k: (torch.randint(3, 256, (n,), generator=g).tolist(), m)
+             for k, n, m in (("a", 4, 40), ("x", 3, 30), ("b", 13, 6), ("c", 5, 6))}
+    want = {k: generate(model, p, m, stop=Stop()).tokens for k, (p, m) in specs.items()}
+    sched = _scheduler(model, max_batch=4, prefill_chunk=chunk)
+    reqs = {k: _request(p, m)[0] for k, (p, m) in specs.items()}
+    calls = []  # per ragged call: (request, first position, tokens) of each segment
+    step_rows = sched.decoder.step_rows
+
+    def spy(segments, keep):
+        calls.append([(sched.rows[row], start, len(tokens)) for row, tokens, start in segments])
+        return step_rows(segments, keep)
+
+    sched.decoder.step_rows = spy
+    # a and x arrive together (nothing runs: both prompts whole in one step); b and c join while they decode.
+    _drive(sched, {0: [reqs["a"], reqs["x"]], 2: [reqs["b"], reqs["c"]]})
+    assert {k: r.generated for k, r in reqs.items()} == want
+    assert [(r, n) for r, start, n in calls[0]] == [(reqs["a"], 4), (reqs["x"], 3)]
+    chunked = [[(r, n) for r, start, n in call if r in (reqs["b"], reqs["c"]) and start < len(r.prompt)]
+               for call in calls[1:]]
+    assert all(sum(n for r, n in call) <= chunk for call in chunked)
+    order = [r for call in chunked for r, n in call]
+    assert order == [reqs["b"]] * (-(-13 // chunk)) + [reqs["c"]] * (len(order) - (-(-13 // chunk)))
+    assert sum(n for call in chunked for r, n in call) == 13 + 5
+
+    # d's prompt is cancelled after two chunks while a and x decode; the same prompt sent again reuses them.
+    sched = _scheduler(model, max_batch=3, prefill_chunk=chunk)
+    a, x = _request(*specs["a"])[0], _request(*specs["x"])[0]
+    cancelled, again = _request(*specs["b"])[0], _request(*specs["b"])[0]
+    for req in (a, x):
+        sched.submit(req)
+    for step in range(3):  # a and x join whole; then two steps carry d's first two chunks
+        if step == 1:
+            sched.submit(cancelled)
+        with sched.cond:
+            sched._admit()
+            sched._step([r for r in sched.rows if r is not None])
+    assert cancelled.cached == 2 * chunk and not cancelled.generated
+    sched.cancel(cancelled)
+    _drive(sched, {0: [again]})
+    assert (a.generated, x.generated, again.generated) == (want["a"], want["x"], want["b"])
+    assert again.reused == 2 * chunk
 
 
 def test_cancelled_request_frees_its_row_at_the_next_step():

@@ -10,7 +10,9 @@ running batch at any step. A step is either:
 - two or more requests: one batched forward carries the prompts of requests joining now (their
   first token comes from it) and the pending token of every running row, each row at its own
   positions (`Decoder.step_rows`; without the native kernels, or for a prompt too long for them,
-  joining prompts are prefilled first, one by one). With a draft, each greedy row also carries up
+  joining prompts are prefilled first, one by one). While rows are running, the joining prompts
+  add at most `prefill_chunk` tokens to a step (chunked prefill, as vLLM's and Sarathi-Serve's):
+  a long prompt takes a few steps to join, and the running rows' inter-token latency stays bounded. With a draft, each greedy row also carries up
   to `BATCH_LOOKUP_K` prompt-lookup draft tokens (as many positions as `LookupGate` finds worth
   their rows), verified per row: a row keeps its accepted prefix plus the target's next token.
 
@@ -40,14 +42,19 @@ from slm.serve.metrics import Metrics
 from slm.serve.requests import Request
 
 
+# Prompt tokens the joining requests may add to one batched step while others decode (0: no limit).
+PREFILL_CHUNK = 16
+
+
 class QueueFull(Exception):
     """The waiting queue is at its bound; the HTTP side answers 429 with Retry-After."""
 
 
 class Scheduler:
-    def __init__(self, decoder: Decoder, max_batch: int, max_queue: int, metrics: Metrics):
+    def __init__(self, decoder: Decoder, max_batch: int, max_queue: int, metrics: Metrics,
+                 prefill_chunk: int = PREFILL_CHUNK):
         self.decoder, self.metrics = decoder, metrics
-        self.max_queue = max_queue
+        self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
         self.rows: list[Request | None] = [None] * max_batch
         # held[r]: the tokens whose keys and values row r holds at positions 0.. while no request has it
         # (a finished request's context as far as it was cached), for the next request's prompt to reuse.
@@ -194,10 +201,11 @@ class Scheduler:
             if req.done:
                 continue
             context = req.context
-            if req.cached < len(context) - 1 or not req.generated and req.cached == 0:
-                # Not in the cache yet (a new request): its prompt's logits give its first token.
+            if not req.generated:
+                # A new request: the rest of its prompt goes into the cache; its last position's logits
+                # give its first token.
                 if ragged and self.decoder.fits_step(len(context) - req.cached):
-                    joining.append(req)  # prefilled inside this step's call
+                    joining.append(req)  # prefilled inside this step's call (in chunks, see below)
                     continue
                 logits = self.decoder.prefill_row(req.row, context[req.cached :], req.cached)
                 req.cached = len(context)
@@ -205,7 +213,18 @@ class Scheduler:
                 if req.done:
                     continue
             running.append(req)
-        if not joining and not running:
+        # Chunked prefill: while rows are decoding, the joining prompts share at most `prefill_chunk` tokens
+        # a step (oldest request first), so a joining prompt stretches one step of the running rows by
+        # a bounded amount instead of by its whole length. A request whose turn has not come sits the
+        # step out; a chunk that does not finish its prompt keeps no logits.
+        budget = self.prefill_chunk if self.prefill_chunk and running else None
+        chunks = []
+        for req in sorted(joining, key=lambda r: r.arrived):
+            n = len(req.context) - req.cached if budget is None else min(budget, len(req.context) - req.cached)
+            if n > 0:
+                chunks.append((req, n))
+                budget = None if budget is None else budget - n
+        if not chunks and not running:
             return
         k = self.gate.positions() if self.decoder.draft is not None and running else 0
         drafts = {}
@@ -214,13 +233,15 @@ class Scheduler:
             room = min(req.max_tokens - len(req.generated), self.decoder.ctx - len(context)) - 1
             drafts[req.row] = self.decoder.lookup(req.id, context, min(k, room)) if req.sampling.greedy else []
         if ragged:
-            segments = [(r.row, r.context[r.cached :], r.cached) for r in joining]
+            segments = [(r.row, r.context[r.cached : r.cached + n], r.cached) for r, n in chunks]
             segments += [(r.row, [r.context[-1]] + drafts[r.row], len(r.context) - 1) for r in running]
-            out = self.decoder.step_rows(segments, [1] * len(joining) + [len(drafts[r.row]) + 1 for r in running])
-            for req, logits in zip(joining, out):
-                req.cached = len(req.context)
-                self._push(req, pick(logits[-1], req.sampling, req.generator), False)
-            logits_of = {r.row: x for r, x in zip(running, out[len(joining) :])}  # row -> (K+1, V)
+            keep = [int(r.cached + n == len(r.context)) for r, n in chunks]
+            out = self.decoder.step_rows(segments, keep + [len(drafts[r.row]) + 1 for r in running])
+            for (req, n), logits in zip(chunks, out):
+                req.cached += n
+                if req.cached == len(req.context):  # the prompt's last chunk: its first token
+                    self._push(req, pick(logits[-1], req.sampling, req.generator), False)
+            logits_of = {r.row: x for r, x in zip(running, out[len(chunks) :])}  # row -> (K+1, V)
         else:
             n = max(req.row for req in running) + 1
             # Rows sitting this step out write past what their cache holds (see Decoder.decode_rows).
