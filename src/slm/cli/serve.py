@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
                    help="while requests are decoding, a joining prompt is computed at most N tokens per step "
                    "(chunked prefill: it bounds the running requests' inter-token latency, at the cost of the "
-                   "joining request's time to first token; 0 = whole prompts; default 16)")
+                   "joining request's time to first token; 0 = whole prompts; default 32)")
     p.add_argument("--ctx", type=int, default=None, metavar="N",
                    help="tokens per request, prompt + output (default min(model context, 4096)); "
                    "the KV cache holds max-batch x ctx positions")
