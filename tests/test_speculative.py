@@ -196,6 +196,27 @@ def test_adaptive_k_backs_off_and_probes():
     assert s.k >= 10
 
 
+def test_adaptive_k_is_not_priced_out_by_one_stalled_step():
+    """A draft that pays (all accepted, 0.4 of a step per token: the int4 self-draft's kind) whose
+    third round's draft step and verify forward stall for 20x their time (the host preempted the
+    thread): it keeps drafting (a plain moving average priced it at 1.5 steps a token: K = 0 until a
+    probe, 16+ rounds later), and its cost estimate is back within 10% after a few rounds. A
+    slowdown that lasts is still followed."""
+    s = AdaptiveK(k_start=2)
+    ks = []
+    for i in range(12):
+        p = _plan(s)
+        stall = 20.0 if i == 2 else 1.0
+        _record(s, p, p.k, 0.4 * stall if p.k else None, (1.0 + 0.02 * p.k) * stall)
+        ks.append(p.k)
+    assert all(k > 0 for k in ks[1:]), ks
+    assert s.evidence[0].draft_s == pytest.approx(0.4, rel=0.1)
+    for _ in range(40):  # the host is now 3x slower for good
+        p = _plan(s)
+        _record(s, p, p.k, 1.2, 3.0 * (1.0 + 0.02 * p.k))
+    assert s.evidence[0].draft_s == pytest.approx(1.2, rel=0.1) and s.k > 0
+
+
 @pytest.mark.parametrize("catchup_s, probes", [(0.3, (0, 0)), (0.001, (3, 8))])
 def test_adaptive_k_budgets_probes_that_need_a_catch_up(catchup_s, probes):
     """A useless draft with its own KV cache must be fed every token of the rounds it sat out

@@ -21,7 +21,8 @@ speculative decoding (Leviathan et al.), with two refinements:
   are learned per evidence value, so a weak match drafts little or nothing and a strong one
   drafts long. A model draft has one evidence value (0): one set of statistics.
 
-Acceptance and both costs are measured as it runs (exponential moving averages). It drafts
+Acceptance and both costs are measured as it runs (exponential moving averages; the costs'
+robust to a stalled step, see `_cost`). It drafts
 only when that predicts a gain of at least `min_gain` over plain decoding (timings on a shared
 machine are noisy), so it backs off to K = 0 when the draft does not pay, and then probes now
 and then with one drafted token, at growing intervals, in case the text has become easier.
@@ -242,12 +243,22 @@ class AdaptiveK:
                 return 1, True
         return st.k, False
 
+    def _cost(self, old: float | None, new: float) -> float:
+        """A moving average of a time, robust to the host: noise on a shared machine only ever adds
+        time (a preempted thread, a neighbour's burst), so a measurement above twice the average counts
+        as twice, and one below it moves the average halfway at once. Without this, one stalled draft
+        step could price a draft out (K = 0) for the rest of a short generation, probes being rare."""
+        if old is None:
+            return new
+        if new < old:
+            return 0.5 * (old + new)
+        return self.decay * old + (1 - self.decay) * min(new, 2 * old)
+
     def record(self, round: Round) -> None:
         """Learn from one round: the verify forward's cost, the draft's catch-up and step cost, and
         how many of its proposals (of the planned offer's evidence) the target kept."""
         d = self.decay
-        ema = lambda old, new: new if old is None else d * old + (1 - d) * new  # noqa: E731
-        self.verify_s[round.verify_tokens] = ema(self.verify_s.get(round.verify_tokens), round.verify_s)
+        self.verify_s[round.verify_tokens] = self._cost(self.verify_s.get(round.verify_tokens), round.verify_s)
         self.decode_s += round.verify_s
         if round.catchup_tokens:
             self.catchup_tokens += round.catchup_tokens
@@ -259,7 +270,7 @@ class AdaptiveK:
             return
         st = self._stats(round.plan.offer.evidence)
         if round.step_s is not None:
-            st.draft_s = ema(st.draft_s, round.step_s)
+            st.draft_s = self._cost(st.draft_s, round.step_s)
         st.first_successes = d * st.first_successes + (accepted > 0)
         st.first_trials = d * st.first_trials + 1
         if accepted > 0 and drafted > 1:  # later proposals: accepted - 1 successes, then a failure unless all
