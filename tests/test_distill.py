@@ -200,11 +200,17 @@ def test_batched_answers_are_the_targets_own():
 
 
 @torch.no_grad()
-def test_features_captured_while_answering_equal_a_forward_over_the_sample(tmp_path):
+@pytest.mark.parametrize("short", [True, False])
+def test_features_captured_while_answering_equal_a_forward_over_the_sample(tmp_path, short):
     """The cache made during batched decoding (prefill, forced prompt tokens, decode steps) holds
-    what one forward of the target over the finished sample gives: features and top next tokens."""
+    what one forward of the target over the finished sample gives: features and top next tokens.
+    Long prompts: the batch's prefill (3 x 14 rows) runs as two native calls, whose features are joined."""
     target = _tiny(vocab=64, layers=4)
-    prompts = [[1, 5, 3], [1, 7, 8, 9, 10, 11], [1, 2, 4, 6, 8]]
+    if short:
+        prompts = [[1, 5, 3], [1, 7, 8, 9, 10, 11], [1, 2, 4, 6, 8]]
+    else:
+        g = torch.Generator().manual_seed(4)
+        prompts = [[1] + torch.randint(3, 64, (n - 1,), generator=g).tolist() for n in (14, 17, 20)]
     tap = FeatureTap(target, (0, 2, 3))
     capture = Capture(tap)
     answers = answer_batch(target, prompts, 10, SamplingParams(), stop_ids=(2,), capture=capture)

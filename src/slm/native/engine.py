@@ -287,10 +287,14 @@ class NativeDecoder:
         # keeping the logits of those of the last `keep` positions it holds.
         chunks = -(-T // (MAX_ROWS // B))  # each call holds at most MAX_ROWS // B positions of every row
         size = -(-T // chunks)
-        out = []
+        out, caught = [], []
         for a in range(0, T, size):
             b = min(a + size, T)
             out.append(self._forward(tokens[:, a:b], input_pos[..., a:b], max(0, b - max(a, T - keep)), tap))
+            if tap is not None and tap.buffer is None:  # a tap that keeps one forward's outputs: each call's
+                caught.append(tap.take())               # part, handed back below as the whole forward's
+        if caught:
+            tap.put(torch.cat(caught, dim=1))
         return torch.cat(out, dim=1)
 
     def _forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, keep: int, tap) -> torch.Tensor:

@@ -133,6 +133,11 @@ class FeatureTap:
         self.captured = [None] * len(self.layers)
         return out
 
+    def put(self, feats: torch.Tensor) -> None:
+        """Hold feats (B, T, n_taps * d) as one batched forward's outputs, for `take` (a native prefill
+        run as several calls hands its parts back joined)."""
+        self.captured = list(feats.split(feats.shape[-1] // len(self.layers), dim=-1))
+
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
