@@ -202,7 +202,7 @@ def main() -> None:
     # A, B, C, D at each client count, so the host's drift (10-15% between minutes here) falls on all
     # alike and a round's ratios compare runs taken seconds apart. Fresh per round because llama-server
     # (0.3.36) stays slower after it has served 8 clients: 36-48 tok/s at 2-4 clients against 59-87
-    # before, even with --no-cache-idle-slots; slm's runs do not change across rounds.
+    # before, even with --no-cache-idle-slots; slm shows no such drop across rounds.
     rows = []
     bandwidth = [measure_bandwidth()]
     load = [os.getloadavg()]
