@@ -309,7 +309,8 @@ def test_real_smollm2_greedy_parity_concurrent_with_draft():
 
 
 def test_cli_bad_arguments_are_one_line_errors(model_dir, tmp_path, capsys):
-    for args in (["--max-batch", "0"], ["--ctx", "1"], ["--ctx", "999999"], ["--draft-tokens", "x"]):
+    for args in (["--max-batch", "0"], ["--ctx", "1"], ["--ctx", "999999"], ["--draft-tokens", "x"],
+                 ["--prefill-chunk", "-1"]):
         assert slm_main(["serve", str(model_dir), *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith("slm: error: ") and err.count("\n") == 1, err

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
                    help="while requests are decoding, a joining prompt is computed at most N tokens per step "
                    "(chunked prefill: it bounds the running requests' inter-token latency, at the cost of the "
-                   "joining request's time to first token; 0 = whole prompts; default 32)")
+                   "joining request's time to first token; 0 = whole prompts; default: one native call's rows, 32)")
     p.add_argument("--ctx", type=int, default=None, metavar="N",
                    help="tokens per request, prompt + output (default min(model context, 4096)); "
                    "the KV cache holds max-batch x ctx positions")
@@ -52,5 +52,6 @@ def _serve(args: argparse.Namespace) -> int:
 
     serve(args.model, host=args.host, port=args.port, log_level=args.log_level, draft=args.draft,
           draft_tokens=parse_draft_tokens(args.draft_tokens), max_batch=args.max_batch, max_queue=args.max_queue,
-          prefill_chunk=args.prefill_chunk, ctx=args.ctx, api_key=args.api_key, quantize=args.quantize)
+          ctx=args.ctx, api_key=args.api_key, quantize=args.quantize,
+          **({} if args.prefill_chunk is None else {"prefill_chunk": args.prefill_chunk}))
     return 0

@@ -223,7 +223,8 @@ class Scheduler:
         budget = self.prefill_chunk if self.prefill_chunk and running else None
         chunks = []
         for req in sorted(joining, key=lambda r: r.arrived):
-            n = len(req.context) - req.cached if budget is None else min(budget, len(req.context) - req.cached)
+            left = len(req.context) - req.cached
+            n = left if budget is None else min(budget, left)
             if n > 0:
                 chunks.append((req, n))
                 budget = None if budget is None else budget - n

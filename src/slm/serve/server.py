@@ -18,13 +18,13 @@ from slm.tokenizer import Tokenizer
 
 
 def build_state(model_path: str | os.PathLike, *, draft: str | None = None, draft_tokens: int | str = "auto",
-                max_batch: int = 8, max_queue: int = 64, prefill_chunk: int | None = None, ctx: int | None = None,
+                max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = PREFILL_CHUNK, ctx: int | None = None,
                 api_key: str | None = None, quantize: str | None = None) -> ServerState:
     if max_batch < 1:
         raise SlmError(f"--max-batch must be >= 1, got {max_batch}")
     if max_queue < 0:
         raise SlmError(f"--max-queue must be >= 0, got {max_queue}")
-    if prefill_chunk is not None and prefill_chunk < 0:
+    if prefill_chunk < 0:
         raise SlmError(f"--prefill-chunk must be >= 0 (0: whole prompts), got {prefill_chunk}")
     model_dir = resolve_model_dir(model_path)
     model = load_model(model_dir)
@@ -40,8 +40,7 @@ def build_state(model_path: str | os.PathLike, *, draft: str | None = None, draf
         QUANTIZERS[quantize](model)
     metrics = Metrics()
     decoder = Decoder(model, max_batch, ctx, loaded_draft, draft_tokens)
-    scheduler = Scheduler(decoder, max_batch, max_queue, metrics,
-                          PREFILL_CHUNK if prefill_chunk is None else prefill_chunk)
+    scheduler = Scheduler(decoder, max_batch, max_queue, metrics, prefill_chunk)
     render = None
     template = load_chat_template(model_dir)
     if template is not None:
