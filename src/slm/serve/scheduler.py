@@ -44,8 +44,8 @@ from slm.serve.requests import Request
 
 # Prompt tokens the joining requests may add to one batched step while others decode (0: no limit):
 # one native call's rows. Not less: at 4 chat clients (prompts of about 25 uncached tokens), chunks of
-# 16 spread each join over more of the running rows' steps and raised their inter-token p95 by 10-20%
-# in 5 of 5 interleaved runs (same throughput); the chunk bounds the stall a long prompt causes.
+# 16 spread each join over more of the running rows' steps: inter-token p95 57 against 49 ms, same
+# throughput (benchmarks/serve_ab.py, 5 rounds); the chunk bounds the stall a long prompt causes.
 PREFILL_CHUNK = 32
 
 
