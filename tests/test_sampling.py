@@ -70,3 +70,21 @@ def test_sample_frequencies():
 def test_invalid_parameters(kwargs, message):
     with pytest.raises(SlmError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_argmax_is_torchs_on_ties_nan_infinities_and_strided_rows():
+    """The numpy-backed `argmax` (greedy decoding's, verification's) gives torch's argmax: same index on
+    ties (the first), on NaN, on all -inf, on strided and transposed rows, same dtype and shape."""
+    from slm.sampling import argmax
+
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.randn(49152, generator=g), torch.randn(5, 300, generator=g), torch.tensor([1.0, 3.0, 3.0, 2.0]),
+             torch.full((3,), float("-inf")), torch.tensor([1.0, float("nan"), 5.0, float("nan")]),
+             torch.randn(4, 10, generator=g)[:, ::2], torch.randn(3, 7, generator=g).t(),
+             torch.randn(2, 6, generator=g).double(), torch.randn(2, 6, generator=g).bfloat16()]
+    for x in cases:
+        got, want = argmax(x), x.argmax(-1)
+        assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), x
+    with torch.inference_mode():
+        x = torch.randn(3, 9, generator=g)
+        assert torch.equal(argmax(x), x.argmax(-1))

@@ -206,9 +206,38 @@ def test_api_key(model_dir):
     with server_thread(model_dir, max_batch=1, api_key="sekret") as (url, _):
         with pytest.raises(openai.AuthenticationError):
             _client(url, "wrong").completions.create(model="tiny", prompt="x", max_tokens=2)
-        assert httpx.get(url + "/metrics").status_code == 401
+        r = httpx.get(url + "/metrics")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.post(url + "/v1/completions", json={"prompt": "x"}, headers={"authorization": "Bearer sekret2"}
+                          ).status_code == 401
         assert httpx.get(url + "/health").status_code == 200
         assert _client(url, "sekret").completions.create(model="tiny", prompt="x", max_tokens=2).usage.completion_tokens == 2
+        stream = _client(url, "sekret").completions.create(model="tiny", prompt="x", max_tokens=3, stream=True)
+        assert sum(len(c.choices) and c.choices[0].finish_reason is None for c in stream) == 3
+
+
+def test_outbox_wakes_the_loop_once_for_the_events_put_before_it_runs():
+    """The scheduler thread's events reach the HTTP side with one wake-up of the event loop per batch
+    (a step's tokens), in order; an event put after the loop ran wakes it again."""
+    import asyncio
+
+    from slm.serve.app import Outbox
+
+    loop = asyncio.new_event_loop()
+    try:
+        wakes, call = [], loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a: (wakes.append(a), call(*a))[1]
+        box, queue = Outbox(loop), asyncio.Queue()
+        putter = threading.Thread(target=lambda: [box.put(queue, {"i": i}) for i in range(4)])
+        putter.start()
+        putter.join()
+        loop.run_until_complete(asyncio.sleep(0))
+        assert len(wakes) == 1 and [queue.get_nowait()["i"] for _ in range(4)] == [0, 1, 2, 3]
+        box.put(queue, {"i": 4})
+        loop.run_until_complete(asyncio.sleep(0))
+        assert len(wakes) == 2 and queue.get_nowait()["i"] == 4
+    finally:
+        loop.close()
 
 
 def test_full_queue_answers_429_with_retry_after(model_dir):

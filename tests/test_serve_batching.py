@@ -280,6 +280,30 @@ def test_a_joining_prompt_is_prefilled_in_chunks_while_others_decode(chunk):
     assert again.reused == 2 * chunk
 
 
+def test_a_joining_chunk_fills_the_native_call_the_running_rows_start_and_no_more():
+    """With two rows decoding, a 40-token prompt joins in chunks of what one native call has room for
+    beside them (30, then its last 10), not of the full chunk (32 + 2 rows would be two calls, each
+    streaming every weight); each request still gets its single-request output."""
+    model = _tiny(8)
+    g = torch.Generator().manual_seed(14)
+    specs = [(torch.randint(3, 256, (n,), generator=g).tolist(), m) for n, m in ((4, 20), (3, 20), (40, 6))]
+    want = [generate(model, p, m, stop=Stop()).tokens for p, m in specs]
+    sched = _scheduler(model, max_batch=3, prefill_chunk=32)
+    assert sched.decoder.call_rows == 32
+    reqs = [_request(p, m)[0] for p, m in specs]
+    sizes, step_rows = [], sched.decoder.step_rows
+
+    def spy(segments, keep):
+        sizes.append([len(tokens) for _, tokens, _ in segments])
+        return step_rows(segments, keep)
+
+    sched.decoder.step_rows = spy
+    _drive(sched, {0: reqs[:2], 2: reqs[2:]})
+    assert [r.generated for r in reqs] == want
+    assert [s for s in sizes if len(s) == 3][:2] == [[30, 1, 1], [10, 1, 1]]
+    assert max(map(sum, sizes[1:])) <= 32
+
+
 def test_cancelled_request_frees_its_row_at_the_next_step():
     model = _tiny(2)
     sched = _scheduler(model, max_batch=2)

@@ -82,8 +82,17 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> tor
     return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
 
 
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(-1) (the first maximum on ties, as torch's), through numpy for CPU fp32: its vectorised
+    argmax takes 7 us over a 49k vocabulary where torch's takes 116 us (2-core host), once per token of
+    greedy decoding, per drafted token and per verified position."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.layout == torch.strided:
+        return torch.as_tensor(x.detach().numpy().argmax(-1))
+    return x.argmax(-1)
+
+
 def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
     """(..., V) logits -> (...,) next token ids."""
     if params.greedy:  # skip building the one-hot
-        return logits.argmax(-1)
+        return argmax(logits)
     return sample(logits_to_probs(logits, params), generator)

@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,17 +45,54 @@ def _error(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
+class BearerKey:
+    """With --api-key: answers 401 to a request outside OPEN_PATHS without `Authorization: Bearer KEY`.
+    A plain ASGI middleware, not Starlette's BaseHTTPMiddleware, which would relay every streamed chunk
+    through a stream and a task of its own (work on the cores that decode)."""
+
+    def __init__(self, app, key: str):
+        self.app, self.want = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            auth = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(auth, self.want):
+                await _error(ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                                      type="authentication_error", code="invalid_api_key"))(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class Outbox:
+    """The scheduler thread's events into the event loop's queues, with one wake-up of the loop for all
+    the events that arrive before it runs (a batched step's tokens, a speculative round's), not one per
+    token: each wake-up writes to the loop's self-pipe and runs the loop, on cores the decoding uses."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.lock, self.items, self.armed = loop, threading.Lock(), [], False
+
+    def put(self, queue: asyncio.Queue, event: dict) -> None:  # any thread
+        with self.lock:
+            self.items.append((queue, event))
+            if self.armed:
+                return
+            self.armed = True
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:  # the loop's thread
+        with self.lock:
+            items, self.items, self.armed = self.items, [], False
+        for queue, event in items:
+            queue.put_nowait(event)
+
+
+_OUTBOXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> its Outbox
+
+
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="slm serve", docs_url=None, redoc_url=None, openapi_url=None)
-
-    @app.middleware("http")
-    async def guard(request: HttpRequest, call_next):
-        if state.api_key is not None and request.url.path not in OPEN_PATHS:
-            auth = request.headers.get("authorization", "")
-            if not secrets.compare_digest(auth.encode(), f"Bearer {state.api_key}".encode()):
-                return _error(ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
-                                       type="authentication_error", code="invalid_api_key"))
-        return await call_next(request)
+    if state.api_key is not None:
+        app.add_middleware(BearerKey, key=state.api_key)
 
     @app.exception_handler(ApiError)
     async def api_error(_request, e: ApiError):
@@ -134,8 +173,9 @@ def _make_request(state: ServerState, params: Params, emit) -> Request:
 
 async def _generate(state: ServerState, params: Params, shape: Shape, http: HttpRequest):
     loop = asyncio.get_running_loop()
+    outbox = _OUTBOXES.get(loop) or _OUTBOXES.setdefault(loop, Outbox(loop))
     events: asyncio.Queue = asyncio.Queue()
-    req = _make_request(state, params, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+    req = _make_request(state, params, lambda ev: outbox.put(events, ev))
     try:
         state.scheduler.submit(req)
     except QueueFull:
@@ -169,31 +209,36 @@ def _sse(obj) -> str:
 async def _stream(state: ServerState, req: Request, shape: Shape, events: asyncio.Queue, include_usage: bool):
     """SSE chunks: one per token (its text delta, and in `slm` the token id and whether it was a draft
     token the target accepted), then one with finish_reason and llama-server's `timings`, then usage
-    (if asked), then [DONE]. A client that goes away cancels the request (the generator is closed)."""
+    (if asked), then [DONE]. The chunks of the events that are ready together (a step's, a speculative
+    round's) go out in one write. A client that goes away cancels the request (the generator is closed)."""
     first = True
     started = time.perf_counter()
     try:
         while True:
-            ev = await events.get()
-            if ev["type"] == "token":
-                elapsed = time.perf_counter() - started
-                n = len(req.generated)
-                live = {"token_ids": [ev["token"]], "drafted": [ev["drafted"]], "n": n,
-                        "tokens_per_second": round(n / elapsed, 2) if elapsed > 0 else None,
-                        "drafted_total": sum(req.drafted)}
-                yield _sse(shape.chunk(ev["delta"], first=first, slm=live))
-                first = False
-            elif ev["type"] == "done":
-                reason = ev["finish_reason"]
-                tail = req.text[req.sent :]  # nothing held back is left once finished; defensive
-                yield _sse(shape.chunk(tail, finish_reason=reason, first=first, timings=req.timings()))
-                if include_usage:
-                    yield _sse(shape.usage_chunk(req.usage()))
-                yield "data: [DONE]\n\n"
-                return
-            else:
-                yield _sse(ApiError(500, ev["message"], type="server_error").body())
-                return
+            ready = [await events.get()]
+            while not events.empty():
+                ready.append(events.get_nowait())
+            out = []
+            for ev in ready:
+                if ev["type"] == "token":
+                    elapsed = time.perf_counter() - started
+                    live = {"token_ids": [ev["token"]], "drafted": [ev["drafted"]], "n": ev["n"],
+                            "tokens_per_second": round(ev["n"] / elapsed, 2) if elapsed > 0 else None,
+                            "drafted_total": ev["drafted_total"]}
+                    out.append(_sse(shape.chunk(ev["delta"], first=first, slm=live)))
+                    first = False
+                elif ev["type"] == "done":
+                    tail = req.text[req.sent :]  # nothing held back is left once finished; defensive
+                    out.append(_sse(shape.chunk(tail, finish_reason=ev["finish_reason"], first=first,
+                                                timings=req.timings())))
+                    if include_usage:
+                        out.append(_sse(shape.usage_chunk(req.usage())))
+                    yield "".join(out) + "data: [DONE]\n\n"
+                    return
+                else:
+                    yield "".join(out) + _sse(ApiError(500, ev["message"], type="server_error").body())
+                    return
+            yield "".join(out)
     finally:
         if not req.done:
             state.scheduler.cancel(req)

@@ -36,7 +36,7 @@ import torch
 from slm.generate import Stop, generate
 from slm.model import KVCache, Transformer
 from slm.native import decoder
-from slm.native.engine import PREFILL_ROWS, NativeDecoder
+from slm.native.engine import MAX_ROWS, PREFILL_ROWS, NativeDecoder
 from slm.sampling import SamplingParams, next_token
 from slm.speculative import AdaptiveK, Draft, NgramDraft, Plan, verify_greedy
 
@@ -194,6 +194,12 @@ class Decoder:
         for cache in self.caches.prefix[-1]:
             for t in (cache.k, cache.v):  # (B, Hkv, S, hd)
                 t[dst, :, :n] = t[src, :, :n]
+
+    @property
+    def call_rows(self) -> int:
+        """Rows (positions) one native call computes: a ragged step of more runs as several calls, each
+        streaming all the weights."""
+        return MAX_ROWS
 
     def fits_step(self, tokens: int) -> bool:
         """Whether a prompt of this many uncached tokens may be prefilled inside a ragged step."""

@@ -41,6 +41,7 @@ class Request:
     last_token_at: float | None = None
     text: str = ""
     sent: int = 0  # characters of `text` already released
+    drafted_total: int = 0  # of `generated`, draft tokens the target accepted
 
     def __post_init__(self) -> None:
         # Per request, so that a seeded request draws the same numbers whatever else is running.
@@ -70,6 +71,7 @@ class Request:
         self.last_token_at = now
         self.generated.append(token)
         self.drafted.append(from_draft)
+        self.drafted_total += from_draft
         if token in self.stop_ids:
             self.finish_reason = "stop"
             visible = self.generated[:-1]
@@ -92,7 +94,8 @@ class Request:
             while end > self.sent and self.text[end - 1] == "\ufffd":  # wait for the rest of the character
                 end -= 1
         delta, self.sent = self.text[self.sent : end], max(self.sent, end)
-        self.emit({"type": "token", "delta": delta, "token": token, "drafted": from_draft})
+        self.emit({"type": "token", "delta": delta, "token": token, "drafted": from_draft,
+                   "n": len(self.generated), "drafted_total": self.drafted_total})
         return gap
 
     def timings(self) -> dict:

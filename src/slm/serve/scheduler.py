@@ -216,11 +216,21 @@ class Scheduler:
                 if req.done:
                     continue
             running.append(req)
+        k = self.gate.positions() if self.decoder.draft is not None and running else 0
+        drafts = {}
+        for req in running:
+            context = req.context
+            room = min(req.max_tokens - len(req.generated), self.decoder.ctx - len(context)) - 1
+            drafts[req.row] = self.decoder.lookup(req.id, context, min(k, room)) if req.sampling.greedy else []
         # Chunked prefill: while rows are decoding, the joining prompts share at most `prefill_chunk` tokens
         # a step (oldest request first), so a joining prompt stretches one step of the running rows by
-        # a bounded amount instead of by its whole length. A request whose turn has not come sits the
-        # step out; a chunk that does not finish its prompt keeps no logits.
-        budget = self.prefill_chunk if self.prefill_chunk and running else None
+        # a bounded amount instead of by its whole length; and no more than the native call the running
+        # rows start has room for (a second call would stream every weight again). A request whose turn
+        # has not come sits the step out; a chunk that does not finish its prompt keeps no logits.
+        budget = None
+        if self.prefill_chunk and running:
+            taken = sum(1 + len(d) for d in drafts.values())
+            budget = min(self.prefill_chunk, -taken % self.decoder.call_rows or self.decoder.call_rows)
         chunks = []
         for req in sorted(joining, key=lambda r: r.arrived):
             left = len(req.context) - req.cached
@@ -230,12 +240,6 @@ class Scheduler:
                 budget = None if budget is None else budget - n
         if not chunks and not running:
             return
-        k = self.gate.positions() if self.decoder.draft is not None and running else 0
-        drafts = {}
-        for req in running:
-            context = req.context
-            room = min(req.max_tokens - len(req.generated), self.decoder.ctx - len(context)) - 1
-            drafts[req.row] = self.decoder.lookup(req.id, context, min(k, room)) if req.sampling.greedy else []
         if ragged:
             segments = [(r.row, r.context[r.cached : r.cached + n], r.cached) for r, n in chunks]
             segments += [(r.row, [r.context[-1]] + drafts[r.row], len(r.context) - 1) for r in running]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from slm.errors import SlmError
 from slm.native import decoder
-from slm.sampling import SamplingParams, logits_to_probs, sample
+from slm.sampling import SamplingParams, argmax, logits_to_probs, sample
 from slm.speculative.lm import CachedLM, SlmLM, as_lm
 from slm.speculative.schedule import AdaptiveK, Offer, Plan
 
@@ -134,7 +134,7 @@ class ModelDraft(Draft):
     def _pick(self, logits: torch.Tensor, sampling: SamplingParams, generator) -> tuple[int, torch.Tensor | None]:
         logits = logits[: self.width]
         if sampling.greedy:
-            return int(logits.argmax()), None
+            return int(argmax(logits)), None
         q = logits_to_probs(logits, sampling)  # (width,)
         return int(sample(q, generator)), F.pad(q, (0, self.target_vocab - self.width))  # (V_target,)
 

@@ -23,7 +23,7 @@ from slm.model import Transformer
 from slm.native import library
 from slm.native.engine import NativeLinear, Unsupported
 from slm.quantize import Int8Linear
-from slm.sampling import SamplingParams, logits_to_probs, sample
+from slm.sampling import SamplingParams, argmax, logits_to_probs, sample
 from slm.speculative.drafts import Draft, Proposal, roll_out, timed_proposal
 from slm.speculative.head import FeatureHead
 from slm.speculative.lm import is_transformers_model
@@ -201,7 +201,7 @@ class FeatureDraft(Draft):
         logits = self.head.logits(h).float()  # (draft_vocab,)
         d2t = self.head.d2t
         if sampling.greedy:
-            return int(d2t[int(logits.argmax())]), None
+            return int(d2t[int(argmax(logits))]), None
         q = logits_to_probs(logits, sampling)  # (draft_vocab,)
         i = int(sample(q, generator))
         full = torch.zeros(self.target_vocab, dtype=q.dtype, device=q.device).index_copy_(0, d2t, q)  # (V,)

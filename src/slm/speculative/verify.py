@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import torch
 
-from slm.sampling import SamplingParams, logits_to_probs
+from slm.sampling import SamplingParams, argmax, logits_to_probs
 from slm.speculative.drafts import Proposal
 
 
 def verify_greedy(logits: torch.Tensor, drafts: list[int]) -> tuple[int, int]:
     """logits (K+1, V) of the target at [pending, d_1..d_K] -> (accepted count, next token)."""
-    best = logits.argmax(-1).tolist()  # (K+1,)
+    best = argmax(logits).tolist()  # (K+1,)
     n = 0
     while n < len(drafts) and drafts[n] == best[n]:
         n += 1
