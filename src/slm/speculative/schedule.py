@@ -157,6 +157,7 @@ class _Evidence:
     successes: float = 1.0
     trials: float = 2.0
     draft_s: float | None = None  # seconds per drafted token
+    cost_samples: int = 0  # rounds that measured draft_s
     idle_rounds: int = 0
 
     @property
@@ -173,6 +174,9 @@ class AdaptiveK:
     k_start: int = 2
     decay: float = 0.85  # weight of the past in each moving average, per round
     probe_min: int = 16  # rounds at K = 0 before the first probe; doubles after each probe that fails
+    # Rounds that measure the draft's cost before the cost alone may stop it (K = 0): one stalled first
+    # round (a preempted thread) priced the int4 self-draft at 3-4x its cost in 1 of 5 fresh servers.
+    cost_rounds: int = 3
     probe_max: int = 256
     min_gain: float = 1.05  # predicted speedup over plain decoding needed to draft at all
     probe_budget: float = 0.01  # probes' catch-up seconds, at most this fraction of the decoding seconds
@@ -240,7 +244,10 @@ class AdaptiveK:
             if st.idle_rounds >= st.probe_every and self._probe_affordable(offer.catchup):
                 st.idle_rounds = 0
                 st.probe_every = min(2 * st.probe_every, self.probe_max)
-                return 1, True
+                # k_start tokens, not 1: a model draft's first forward after target-only rounds finds its
+                # weights out of cache (measured ~1.5x its steady cost per token), so a 1-token probe
+                # measures it at its slowest and could never bring a cost estimate back down.
+                return self.k_start, True
         return st.k, False
 
     def _cost(self, old: float | None, new: float) -> float:
@@ -271,6 +278,7 @@ class AdaptiveK:
         st = self._stats(round.plan.offer.evidence)
         if round.step_s is not None:
             st.draft_s = self._cost(st.draft_s, round.step_s)
+            st.cost_samples += 1
         st.first_successes = d * st.first_successes + (accepted > 0)
         st.first_trials = d * st.first_trials + 1
         if accepted > 0 and drafted > 1:  # later proposals: accepted - 1 successes, then a failure unless all
@@ -278,7 +286,10 @@ class AdaptiveK:
             st.trials = d * st.trials + accepted - 1 + (accepted < drafted)
         if st.draft_s is None:
             return  # no cost measured yet: keep the starting K
-        st.k = self._best_k(st)
+        k = self._best_k(st)
+        if k == 0 and st.cost_samples < self.cost_rounds and st.first_successes / st.first_trials >= 0.5:
+            return  # priced out by its cost alone, measured too few times yet: keep K (see cost_rounds)
+        st.k = k
         if st.k > 0:
             st.probe_every = self.probe_min
 
