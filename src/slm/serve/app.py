@@ -69,7 +69,8 @@ class Outbox:
     token: each wake-up writes to the loop's self-pipe and runs the loop, on cores the decoding uses."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop, self.lock, self.items, self.armed = loop, threading.Lock(), [], False
+        # A weak reference: _OUTBOXES maps the loop to this Outbox, whose entry must not keep the loop alive.
+        self.loop, self.lock, self.items, self.armed = weakref.ref(loop), threading.Lock(), [], False
 
     def put(self, queue: asyncio.Queue, event: dict) -> None:  # any thread
         with self.lock:
@@ -77,7 +78,9 @@ class Outbox:
             if self.armed:
                 return
             self.armed = True
-        self.loop.call_soon_threadsafe(self._deliver)
+        loop = self.loop()
+        if loop is not None and not loop.is_closed():  # else the server is gone, and its requests with it
+            loop.call_soon_threadsafe(self._deliver)
 
     def _deliver(self) -> None:  # the loop's thread
         with self.lock:
