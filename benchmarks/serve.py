@@ -115,7 +115,8 @@ def run_clients(url: str, clients: int, requests: int, max_tokens: int) -> dict:
     lock = threading.Lock()
 
     # One connection pool per client, made before the clock starts, as an application keeps its
-    # `openai.OpenAI()`: a new httpx.Client per request costs ~60 ms of CPU (it loads the CA bundle), which
+    # `openai.OpenAI()`: a new httpx.Client per request costs ~40 ms of CPU (it loads the CA bundle;
+    # benchmarks/overheads.py), which
     # on 2 cores both delays the request and slows whichever server is decoding meanwhile.
     https = [httpx.Client() for _ in range(clients)]
 

@@ -238,6 +238,8 @@ def test_outbox_wakes_the_loop_once_for_the_events_put_before_it_runs():
         assert len(wakes) == 2 and queue.get_nowait()["i"] == 4
     finally:
         loop.close()
+    box.put(queue, {"i": 5})  # the server's loop is gone: nothing to wake, and no error for the decoding thread
+    assert len(wakes) == 2
 
 
 def test_full_queue_answers_429_with_retry_after(model_dir):

@@ -84,8 +84,8 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> tor
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """x.argmax(-1) (the first maximum on ties, as torch's), through numpy for CPU fp32: its vectorised
-    argmax takes 7 us over a 49k vocabulary where torch's takes 116 us (2-core host), once per token of
-    greedy decoding, per drafted token and per verified position."""
+    argmax is 4-5x faster than torch's over a 49k vocabulary (`benchmarks/overheads.py`: 25 against 108 us
+    a call), once per token of greedy decoding, per drafted token and per verified position."""
     if x.device.type == "cpu" and x.dtype == torch.float32 and x.layout == torch.strided:
         return torch.as_tensor(x.detach().numpy().argmax(-1))
     return x.argmax(-1)

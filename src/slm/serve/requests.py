@@ -113,7 +113,7 @@ class Request:
             "predicted_per_second": round((n - 1) / predicted_ms * 1000.0, 3) if n > 1 and predicted_ms > 0 else None,
             "draft_n": self.spec.draft_tokens,
             "draft_n_accepted": self.spec.accepted_tokens,
-            "drafted_and_accepted_tokens": sum(self.drafted),
+            "drafted_and_accepted_tokens": self.drafted_total,
         }
 
     def usage(self) -> dict:

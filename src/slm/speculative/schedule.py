@@ -25,7 +25,7 @@ Acceptance and both costs are measured as it runs (exponential moving averages; 
 robust to a stalled step, see `_cost`). It drafts
 only when that predicts a gain of at least `min_gain` over plain decoding (timings on a shared
 machine are noisy), so it backs off to K = 0 when the draft does not pay, and then probes now
-and then with one drafted token, at growing intervals, in case the text has become easier.
+and then with k_start drafted tokens, at growing intervals, in case the text has become easier.
 
 A probe is not free for a draft model with its own KV cache: it must first be fed every token
 of the rounds it sat out (a catch-up forward over all of them), so however far apart the probes
@@ -174,10 +174,11 @@ class AdaptiveK:
     k_start: int = 2
     decay: float = 0.85  # weight of the past in each moving average, per round
     probe_min: int = 16  # rounds at K = 0 before the first probe; doubles after each probe that fails
-    # Rounds that measure the draft's cost before the cost alone may stop it (K = 0): one stalled first
-    # round (a preempted thread) priced the int4 self-draft at 3-4x its cost in 1 of 5 fresh servers.
-    cost_rounds: int = 3
     probe_max: int = 256
+    # Rounds that measure the draft's cost before the cost alone may stop it (K = 0): one stalled first
+    # round (a preempted thread) priced the int4 self-draft out of a fresh server's first requests
+    # (benchmarks/serve.py, README's session 10 run 1).
+    cost_rounds: int = 3
     min_gain: float = 1.05  # predicted speedup over plain decoding needed to draft at all
     probe_budget: float = 0.01  # probes' catch-up seconds, at most this fraction of the decoding seconds
     verify_s: dict[int, float] = field(default_factory=dict)  # tokens verified -> seconds per verify forward
@@ -245,8 +246,8 @@ class AdaptiveK:
                 st.idle_rounds = 0
                 st.probe_every = min(2 * st.probe_every, self.probe_max)
                 # k_start tokens, not 1: a model draft's first forward after target-only rounds finds its
-                # weights out of cache (measured ~1.5x its steady cost per token), so a 1-token probe
-                # measures it at its slowest and could never bring a cost estimate back down.
+                # weights out of cache, so a 1-token probe measures it at its slowest and may never bring
+                # a cost estimate back down.
                 return self.k_start, True
         return st.k, False
 
@@ -287,7 +288,7 @@ class AdaptiveK:
         if st.draft_s is None:
             return  # no cost measured yet: keep the starting K
         k = self._best_k(st)
-        if k == 0 and st.cost_samples < self.cost_rounds and st.first_successes / st.first_trials >= 0.5:
+        if k == 0 and st.cost_samples < self.cost_rounds and st.acceptance[0] >= 0.5:
             return  # priced out by its cost alone, measured too few times yet: keep K (see cost_rounds)
         st.k = k
         if st.k > 0:
